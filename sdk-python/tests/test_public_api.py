@@ -1,0 +1,60 @@
+"""Smoke test of the flux_client package: its public surface is exactly what __all__ says."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import subprocess
+import sys
+
+import pytest
+
+import flux_client
+
+#: The documented public API. Adding a name is a decision: update the docs and this set.
+PUBLIC_API = {"__version__"}
+
+
+def test_all_is_the_documented_surface() -> None:
+    assert set(flux_client.__all__) == PUBLIC_API
+    assert len(flux_client.__all__) == len(set(flux_client.__all__))
+
+
+def test_every_public_name_exists() -> None:
+    for name in flux_client.__all__:
+        assert hasattr(flux_client, name), name
+
+
+def test_public_modules_have_no_undeclared_names() -> None:
+    public = {
+        name
+        for name in vars(flux_client)
+        if not name.startswith("_") and not isinstance(getattr(flux_client, name), type(sys))
+    }
+    assert public <= set(flux_client.__all__)
+
+
+def test_version_matches_the_distribution() -> None:
+    assert flux_client.__version__ == importlib.metadata.version("flux-client")
+
+
+def test_package_is_typed() -> None:
+    assert importlib.resources.files("flux_client").joinpath("py.typed").is_file()
+
+
+@pytest.mark.integration
+def test_flux_cli_runs_as_a_process() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from flux_client.cli import main; raise SystemExit(main())",
+            "--version",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"flux {flux_client.__version__}"

@@ -1,0 +1,75 @@
+"""The Flux pytest plugin: fixtures and settings shared by every Python test suite.
+
+Registered through the ``pytest11`` entry point of ``flux-testing``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from flux_testing.nats_server import NatsServer
+
+# CI machines are 2 shared cores: a deadline there measures the neighbours, not our code.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+class NatsServerFactory(Protocol):
+    """Type of the ``nats_server_factory`` fixture."""
+
+    def __call__(self, *, port: int = -1, jetstream: bool = False) -> NatsServer:
+        """Start a private server (``port=-1`` picks a free port)."""
+        ...
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A real nats-server on a free 127.0.0.1 port, shared by the whole test session.
+
+    Tests that stop, kill or reconfigure a server use ``nats_server_factory`` instead.
+    """
+    with NatsServer.start(work_dir=tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture
+def nats_server_factory(tmp_path: Path) -> Iterator[NatsServerFactory]:
+    """Start private nats-servers for one test; all of them are stopped when it ends.
+
+    Call it as ``nats_server_factory(port=-1, jetstream=False)`` (see :meth:`NatsServer.start`).
+    """
+    started: list[NatsServer] = []
+
+    def start(*, port: int = -1, jetstream: bool = False) -> NatsServer:
+        work_dir = tmp_path / f"nats-{len(started)}"
+        server = NatsServer.start(port=port, jetstream=jetstream, work_dir=work_dir)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty data directory for one test, removed afterwards."""
+    path = tmp_path / "data"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
