@@ -26,7 +26,7 @@ const registry = createRegistry(file_flux_proto_api);
 
 describe("golden messages from Python", () => {
   it("has samples to check", () => {
-    assert.ok(index.samples.length >= 10, `only ${index.samples.length} samples`);
+    assert.ok(index.samples.length >= 10, `only ${String(index.samples.length)} samples`);
   });
 
   for (const sample of index.samples) {
