@@ -1,0 +1,379 @@
+"""The file-backed commit log of one partition (the :class:`~.contract.CommitLog` contract).
+
+Directory ``<data.dir>/streams/<stream>/<partition>/`` holds the segments
+(``<20-digit base offset>.log`` + ``.index``), the HW checkpoint
+``replication-offset-checkpoint`` and, after a clean shutdown, the marker ``clean-shutdown``.
+
+Appends run on the event loop: the batch is framed (or, client-framed, verified), the segment
+rolled first if it is full or old, and the bytes written with one ``write`` -- then the sync
+policy decides when the append returns. Opening is blocking file work and runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from flux_broker.clock import Clock, SystemClock
+from flux_broker.log import checkpoint
+from flux_broker.log.config import LogConfig, SyncPolicy
+from flux_broker.log.contract import AppendResult
+from flux_broker.log.errors import BatchTooLargeError, LogClosedError
+from flux_broker.log.format import NewRecord, Placement, check_framed, frame, stamp
+from flux_broker.log.reader import ForwardReader, ReverseReader
+from flux_broker.log.segment import INDEX_SUFFIX, LOG_SUFFIX, Segment
+from flux_broker.log.syncer import Syncer
+
+__all__ = ["CLEAN_SHUTDOWN_FILE", "HW_CHECKPOINT_FILE", "FileCommitLog", "LogStats"]
+
+HW_CHECKPOINT_FILE: Final = "replication-offset-checkpoint"
+CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
+_SEGMENT_FILE: Final = re.compile(r"^(\d{20})\.(log|index)$")
+_LEFTOVER_SUFFIXES: Final = (".tmp", ".rebuild")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LogStats:
+    """Counters the broker exports as metrics.
+
+    Attributes:
+        corrupt_records: Reads that stopped at a record failing its checks.
+        torn_tail_recoveries: Opens that cut a torn or corrupt tail off the active segment.
+        index_rebuilds: Indexes rebuilt from their log at open.
+        rolls: Segments rolled.
+    """
+
+    corrupt_records: int = 0
+    torn_tail_recoveries: int = 0
+    index_rebuilds: int = 0
+    rolls: int = 0
+
+
+class FileCommitLog:
+    """A segmented commit log in one directory. Create it with :meth:`open`."""
+
+    def __init__(
+        self, directory: Path, config: LogConfig, clock: Clock, segments: list[Segment]
+    ) -> None:
+        """Assemble a recovered log; use :meth:`open`."""
+        self.directory = directory
+        self.config = config
+        self.clock = clock
+        self.segments = segments
+        self._bases = [segment.base_offset for segment in segments]
+        self.stats = LogStats()
+        self.closed = False
+        self._high_watermark = -1
+        self._leader_epoch = 0
+        self._last_timestamp_ns = max(
+            (s.last_timestamp_ns for s in segments if s.last_timestamp_ns is not None), default=0
+        )
+        self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
+        self._uncommitted_event = asyncio.Event()
+        self._committed_event = asyncio.Event()
+        self._syncer = Syncer(config.sync_policy, config.sync_interval_s, self._active_fd)
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._checkpointed_hw: int | None = None
+        self._append_lock = asyncio.Lock()
+
+    # -- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, directory: Path, config: LogConfig | None = None, clock: Clock | None = None
+    ) -> FileCommitLog:
+        """Open (creating if needed) the log in ``directory``, recovering from any crash.
+
+        Recovery never raises for damaged data: torn tails are cut, bad indexes rebuilt, bad
+        checkpoints ignored (see :mod:`flux_broker.log.segment`). ``OSError`` is raised only
+        when the directory itself cannot be used.
+        """
+        config = config or LogConfig()
+        segments, hw, stats = await asyncio.to_thread(_recover, directory)
+        log = cls(directory, config, clock or SystemClock(), segments)
+        log.stats = stats
+        log._high_watermark = hw
+        log._checkpointed_hw = hw
+        log._syncer.start()
+        log._checkpointer = asyncio.create_task(log._checkpoint_loop(), name="log-hw-checkpoint")
+        return log
+
+    async def close(self) -> None:
+        """Sync, checkpoint the HW, mark a clean shutdown and release every file (idempotent)."""
+        if self.closed:
+            return
+        async with self._append_lock:  # let an append in progress finish
+            self.closed = True
+        self.wake_readers()
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+        await self._syncer.stop()
+        await asyncio.to_thread(self._close_files)
+
+    def _close_files(self) -> None:
+        active = self.segments[-1]
+        os.fsync(active.log_fd())
+        os.fsync(active.index.fileno())
+        self.checkpoint_high_watermark()
+        checkpoint.write_atomic(self.directory / CLEAN_SHUTDOWN_FILE, b"clean\n")
+        for segment in self.segments:
+            segment.close_handles()
+
+    # -- offsets ---------------------------------------------------------------------------
+
+    @property
+    def oldest_offset(self) -> int:
+        """First offset held."""
+        return self.segments[0].base_offset
+
+    @property
+    def newest_offset(self) -> int:
+        """Last written offset; -1 when empty."""
+        return self.segments[-1].next_offset - 1
+
+    @property
+    def high_watermark(self) -> int:
+        """Last committed offset; -1 when nothing is committed."""
+        return self._high_watermark
+
+    @property
+    def leader_epoch(self) -> int:
+        """Epoch stamped on appended records."""
+        return self._leader_epoch
+
+    def set_leader_epoch(self, epoch: int) -> None:
+        """Stamp ``epoch`` on records appended from now on (epochs only grow)."""
+        if epoch < self._leader_epoch:
+            raise ValueError(f"leader epoch {epoch} is below the current {self._leader_epoch}")
+        self._leader_epoch = epoch
+
+    def set_high_watermark(self, offset: int) -> None:
+        """Move the HW forward to ``offset`` and wake committed readers."""
+        if offset > self.newest_offset:
+            raise ValueError(f"HW {offset} is beyond the newest offset {self.newest_offset}")
+        if offset > self._high_watermark:
+            self._high_watermark = offset
+            self._committed_event.set()
+            self._committed_event = asyncio.Event()
+
+    def checkpoint_high_watermark(self) -> None:
+        """Write the HW checkpoint now (blocking: temp file, fsync, rename)."""
+        hw = self._high_watermark
+        if hw != self._checkpointed_hw:
+            checkpoint.write_int(self.directory / HW_CHECKPOINT_FILE, hw)
+            self._checkpointed_hw = hw
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.hw_checkpoint_interval_s)
+            if self._high_watermark != self._checkpointed_hw:
+                try:
+                    await asyncio.to_thread(self.checkpoint_high_watermark)
+                except OSError:
+                    _log.exception("%s: HW checkpoint failed; retrying", self.directory)
+
+    # -- appending -----------------------------------------------------------------------
+
+    async def append(self, records: Sequence[NewRecord]) -> AppendResult:
+        """Frame and append ``records`` with one write (see the contract)."""
+        if not records:
+            raise ValueError("append needs at least one record")
+        async with self._append_lock:
+            self._check_open()
+            at, roll = self._placement()
+            data, entries = frame(
+                records, at, self.config.record_max_bytes, self.config.batch_max_bytes
+            )
+            result = self._write(data, entries, len(records), at, roll)
+        await self._syncer.after_append()
+        return result
+
+    async def append_framed(self, data: bytes | bytearray) -> AppendResult:
+        """Append a client-framed batch, verified and stamped (see the contract)."""
+        if len(data) > self.config.batch_max_bytes:
+            raise BatchTooLargeError(len(data), self.config.batch_max_bytes)
+        batch = bytearray(data)
+        layout = check_framed(batch, self.config.record_max_bytes)
+        async with self._append_lock:
+            self._check_open()
+            at, roll = self._placement()
+            entries = stamp(batch, layout, at)
+            result = self._write(batch, entries, len(layout), at, roll)
+        await self._syncer.after_append()
+        return result
+
+    def _placement(self) -> tuple[Placement, bool]:
+        """Where the next batch goes, and whether the active segment must roll first."""
+        active = self.segments[-1]
+        now_ns = self.clock.now_ns()
+        timestamp_ns = max(now_ns, self._last_timestamp_ns)
+        roll = active.size_bytes > 0 and (
+            active.size_bytes >= self.config.segment_max_bytes
+            or (
+                self.config.segment_max_age_s > 0
+                and active.first_timestamp_ns is not None
+                and now_ns - active.first_timestamp_ns >= self.config.segment_max_age_s * 1e9
+            )
+        )
+        base = active.next_offset
+        at = Placement(
+            base_offset=base,
+            timestamp_ns=timestamp_ns,
+            leader_epoch=self._leader_epoch,
+            segment_base_offset=base if roll else active.base_offset,
+            segment_position=0 if roll else active.size_bytes,
+        )
+        return at, roll
+
+    def _write(
+        self, data: bytearray, entries: bytearray, count: int, at: Placement, roll: bool
+    ) -> AppendResult:
+        if roll:
+            self._roll()
+        last_offset = at.base_offset + count - 1
+        self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
+        self._last_timestamp_ns = at.timestamp_ns
+        self._syncer.note_write()
+        self._uncommitted_event.set()
+        self._uncommitted_event = asyncio.Event()
+        return AppendResult(at.base_offset, last_offset, at.timestamp_ns)
+
+    def _roll(self) -> None:
+        """Seal the active segment and start a new one at the next offset."""
+        old = self.segments[-1]
+        if self.config.sync_policy is not SyncPolicy.NEVER:
+            os.fdatasync(old.log_fd())  # its data must not wait for a sync of the new file
+        new = Segment.create(self.directory, old.next_offset)
+        checkpoint.fsync_dir(self.directory)
+        old.seal()
+        self.segments.append(new)
+        self._bases.append(new.base_offset)
+        self.stats.rolls += 1
+        _log.debug("%s: rolled to segment %d", self.directory, new.base_offset)
+
+    def _active_fd(self) -> int:
+        return self.segments[-1].log_fd()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def reader(self, start_offset: int, *, committed: bool = True) -> ForwardReader:
+        """A forward reader from ``start_offset``, clamped into ``[oldest, newest + 1]``."""
+        self._check_open()
+        start = min(max(start_offset, self.oldest_offset), self.newest_offset + 1)
+        return ForwardReader(self, start, committed=committed)
+
+    def reverse_reader(
+        self, start_offset: int | None = None, *, committed: bool = True
+    ) -> ReverseReader:
+        """A reader from ``start_offset`` (default: HW, or newest) back to the oldest."""
+        self._check_open()
+        bound = self._high_watermark if committed else self.newest_offset
+        start = bound if start_offset is None else min(start_offset, bound)
+        return ReverseReader(self, start)
+
+    def offset_for_timestamp(self, timestamp_ns: int) -> int:
+        """Earliest offset whose timestamp is ``>= timestamp_ns``; newest + 1 if none."""
+        self._check_open()
+        for segment in self.segments:
+            if segment.last_timestamp_ns is None or segment.last_timestamp_ns < timestamp_ns:
+                continue
+            i = segment.index.find_timestamp(timestamp_ns)
+            if i is not None:
+                return segment.base_offset + segment.index.entry(i).relative_offset
+        return self.newest_offset + 1
+
+    def data_event(self, *, committed: bool) -> asyncio.Event:
+        """The event set at the next HW move (committed) or append (uncommitted)."""
+        return self._committed_event if committed else self._uncommitted_event
+
+    def wake_readers(self) -> None:
+        """Wake every waiting reader (they re-check their state)."""
+        for event in (self._committed_event, self._uncommitted_event):
+            event.set()
+        self._committed_event = asyncio.Event()
+        self._uncommitted_event = asyncio.Event()
+
+    def holds(self, segment: Segment) -> bool:
+        """Whether ``segment`` is still one of the log's segments."""
+        i = bisect.bisect_left(self._bases, segment.base_offset)
+        return i < len(self.segments) and self.segments[i] is segment
+
+    def segment_for(self, offset: int) -> Segment:
+        """The segment that holds ``offset`` (or the first after it), with open handles."""
+        i = max(bisect.bisect_right(self._bases, offset) - 1, 0)
+        segment = self.segments[i]
+        if not segment.active:
+            self._touch(segment)
+        return segment
+
+    def _touch(self, segment: Segment) -> None:
+        """Keep at most ``open_segment_handles_max`` sealed segments open (LRU)."""
+        cache = self._open_sealed
+        cache[segment.base_offset] = segment
+        cache.move_to_end(segment.base_offset)
+        segment.open_handles()
+        while len(cache) > self.config.open_segment_handles_max:
+            _base, evicted = cache.popitem(last=False)
+            evicted.close_handles()
+
+
+def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
+    """Open every segment of ``directory`` (blocking), repairing crash damage."""
+    stats = LogStats()
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / CLEAN_SHUTDOWN_FILE
+    clean = marker.exists()
+    bases: set[int] = set()
+    for path in directory.iterdir():
+        if path.name.endswith(_LEFTOVER_SUFFIXES):
+            path.unlink()  # an interrupted atomic write; its target is intact
+            continue
+        match = _SEGMENT_FILE.match(path.name)
+        if match and match.group(2) == "log":
+            bases.add(int(match.group(1)))
+    for path in directory.glob(f"*{INDEX_SUFFIX}"):
+        if _SEGMENT_FILE.match(path.name) and not path.with_suffix(LOG_SUFFIX).exists():
+            path.unlink()  # an index without its log
+    segments: list[Segment] = []
+    ordered = sorted(bases)
+    for i, base in enumerate(ordered):
+        active = i == len(ordered) - 1
+        segment = Segment.recover(directory, base, active=active, trust=clean or not active)
+        stats.index_rebuilds += segment.rebuilt_index
+        stats.torn_tail_recoveries += segment.cut_bytes > 0
+        if segments and segment.base_offset < segments[-1].next_offset:
+            _log.error(
+                "%s: segment %d overlaps its predecessor; ignoring the log beyond it",
+                directory,
+                base,
+            )
+            break
+        segments.append(segment)
+    if not segments:
+        segments.append(Segment.create(directory, 0))
+    segments[-1].active = True
+    segments[-1].open_handles()
+    newest = segments[-1].next_offset - 1
+    hw = checkpoint.read_int(directory / HW_CHECKPOINT_FILE)
+    hw = -1 if hw is None else min(max(hw, -1), newest)
+    if clean:
+        marker.unlink()
+    checkpoint.fsync_dir(directory)
+    return segments, hw, stats

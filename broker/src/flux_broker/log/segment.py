@@ -1,0 +1,419 @@
+"""One segment of a commit log: a ``.log`` file of framed records and its ``.index``.
+
+Segments are named by their base offset in 20 digits (``00000000000000000042.log``). Only the
+newest segment (the *active* one) is appended to; the others are *sealed*. A sealed segment's
+file handles may be closed to respect the open-handle limit and are reopened on demand.
+
+Recovery (:meth:`Segment.recover`) trusts an index only when it is consistent with its log;
+otherwise it rescans the log, verifying every record (length, CRC-32C, body structure,
+increasing offsets), and rebuilds the index from what it found. In the active segment a torn
+or corrupt tail is cut off; in a sealed one the first bad record is remembered
+(``corrupt_from``) so that readers stop before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from flux_broker.log.errors import CorruptRecordError, LogWriteError
+from flux_broker.log.format import (
+    BODY_SIZE_AT,
+    CRC,
+    HEADER,
+    HEADER_BYTES,
+    INDEX_ENTRY,
+    INDEX_ENTRY_BYTES,
+    verify_record,
+)
+from flux_broker.log.index import IndexFile
+
+__all__ = ["INDEX_SUFFIX", "LOG_SUFFIX", "ReadResult", "ScanResult", "Segment", "segment_name"]
+
+LOG_SUFFIX: Final = ".log"
+INDEX_SUFFIX: Final = ".index"
+NAME_DIGITS: Final = 20
+SCAN_CHUNK_BYTES: Final = 4 * 1024 * 1024
+
+_log = logging.getLogger(__name__)
+
+
+def segment_name(base_offset: int) -> str:
+    """File stem of the segment starting at ``base_offset``."""
+    return f"{base_offset:0{NAME_DIGITS}d}"
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What a log scan found: the valid prefix and why it ended."""
+
+    entries: bytearray = field(default_factory=bytearray)
+    count: int = 0
+    end_position: int = 0
+    next_offset: int = 0
+    first_timestamp_ns: int | None = None
+    last_timestamp_ns: int | None = None
+    stop_reason: str | None = None  # None: the whole file is valid
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """Records read from one segment.
+
+    Attributes:
+        data: Verified framed records.
+        count: How many.
+        last_offset: Offset of the last one (-1 if none).
+        next_position: File position just after them.
+    """
+
+    data: bytes
+    count: int
+    last_offset: int
+    next_position: int
+
+
+def scan(fd: int, base_offset: int, file_size: int) -> ScanResult:
+    """Verify the records of a log file from its start; stop at the first bad one."""
+    result = ScanResult(next_offset=base_offset)
+    buffer = b""
+    buffer_start = 0  # file position of buffer[0]
+    position = 0
+    while position < file_size:
+        if position + HEADER_BYTES > buffer_start + len(buffer):
+            buffer, buffer_start = _refill(fd, position, file_size, HEADER_BYTES)
+        local = position - buffer_start
+        if local + HEADER_BYTES > len(buffer):
+            result.stop_reason = f"torn header at byte {position}"
+            break
+        (body_size,) = CRC.unpack_from(buffer, local + BODY_SIZE_AT)
+        record_bytes = HEADER_BYTES + body_size
+        if position + record_bytes > file_size:
+            result.stop_reason = f"record at byte {position} runs past the end of the file"
+            break
+        if local + record_bytes > len(buffer):
+            buffer, buffer_start = _refill(fd, position, file_size, record_bytes)
+            local = 0
+        reason = verify_record(buffer, local)
+        offset, timestamp_ns, _epoch, _size = HEADER.unpack_from(buffer, local)
+        if reason is None and offset < result.next_offset:
+            reason = f"offset {offset} does not increase (expected >= {result.next_offset})"
+        if reason is not None:
+            result.stop_reason = f"bad record at byte {position}: {reason}"
+            break
+        result.entries += INDEX_ENTRY.pack(
+            offset - base_offset, timestamp_ns, position, record_bytes
+        )
+        result.count += 1
+        if result.first_timestamp_ns is None:
+            result.first_timestamp_ns = timestamp_ns
+        result.last_timestamp_ns = timestamp_ns
+        result.next_offset = offset + 1
+        position += record_bytes
+    result.end_position = position
+    return result
+
+
+def _refill(fd: int, position: int, file_size: int, at_least: int) -> tuple[bytes, int]:
+    size = min(max(SCAN_CHUNK_BYTES, at_least), file_size - position)
+    return os.pread(fd, size, position), position
+
+
+class Segment:
+    """A segment's files and what the log keeps in memory about them.
+
+    Attributes:
+        base_offset: Offset the segment starts at (its name).
+        next_offset: Offset after its last record (``base_offset`` when empty).
+        size_bytes: Bytes of valid records in the log file.
+        first_timestamp_ns: Timestamp of its first record (``None`` when empty).
+        last_timestamp_ns: Timestamp of its last record.
+        corrupt_from: Offset of the first record known to be corrupt, if any.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        base_offset: int,
+        *,
+        next_offset: int,
+        size_bytes: int,
+        first_timestamp_ns: int | None,
+        last_timestamp_ns: int | None,
+        corrupt_from: int | None = None,
+    ) -> None:
+        """Describe a segment whose files exist; handles open lazily."""
+        self.directory = directory
+        self.base_offset = base_offset
+        self.next_offset = next_offset
+        self.size_bytes = size_bytes
+        self.first_timestamp_ns = first_timestamp_ns
+        self.last_timestamp_ns = last_timestamp_ns
+        self.corrupt_from = corrupt_from
+        self.active = False
+        self.rebuilt_index = False  # set by recover(): the index was rebuilt from the log
+        self.cut_bytes = 0  # set by recover(): bytes cut off a torn or corrupt tail
+        self._log_fd = -1
+        self._index: IndexFile | None = None
+
+    # -- files ---------------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        """The ``.log`` file."""
+        return self.directory / (segment_name(self.base_offset) + LOG_SUFFIX)
+
+    @property
+    def index_path(self) -> Path:
+        """The ``.index`` file."""
+        return self.directory / (segment_name(self.base_offset) + INDEX_SUFFIX)
+
+    @property
+    def record_count(self) -> int:
+        """Records in the segment."""
+        return self.index.count
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the file handles are open."""
+        return self._log_fd >= 0
+
+    @property
+    def index(self) -> IndexFile:
+        """The open index (opening the handles if needed)."""
+        self.open_handles()
+        assert self._index is not None
+        return self._index
+
+    def log_fd(self) -> int:
+        """The open log file descriptor (opening the handles if needed)."""
+        self.open_handles()
+        return self._log_fd
+
+    def open_handles(self) -> None:
+        """Open the log (append mode when active) and the index."""
+        if self._log_fd >= 0:
+            return
+        flags = os.O_RDWR | os.O_APPEND if self.active else os.O_RDONLY
+        self._log_fd = os.open(self.log_path, flags)
+        self._index = IndexFile.open(self.index_path)
+
+    def close_handles(self) -> None:
+        """Close the file handles; they reopen on the next use."""
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    @classmethod
+    def create(cls, directory: Path, base_offset: int) -> Segment:
+        """Create the empty files of a new active segment (the caller fsyncs the directory)."""
+        segment = cls(
+            directory,
+            base_offset,
+            next_offset=base_offset,
+            size_bytes=0,
+            first_timestamp_ns=None,
+            last_timestamp_ns=None,
+        )
+        os.close(os.open(segment.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        segment.index_path.unlink(missing_ok=True)
+        IndexFile.write_new(segment.index_path, b"").close()
+        segment.active = True
+        segment.open_handles()
+        return segment
+
+    @classmethod
+    def recover(cls, directory: Path, base_offset: int, *, active: bool, trust: bool) -> Segment:
+        """Open an existing segment after a restart, repairing what a crash can leave behind.
+
+        Args:
+            directory: The partition directory.
+            base_offset: The segment's base offset.
+            active: Whether it is the newest segment (its tail may be cut).
+            trust: Whether the index may be used without a scan when it is consistent
+                (false for the active segment after an unclean shutdown).
+        """
+        segment = cls(
+            directory,
+            base_offset,
+            next_offset=base_offset,
+            size_bytes=0,
+            first_timestamp_ns=None,
+            last_timestamp_ns=None,
+        )
+        segment.active = active
+        log_fd = os.open(segment.log_path, os.O_RDWR)
+        try:
+            file_size = os.fstat(log_fd).st_size
+            if trust and segment._adopt_index(file_size):
+                return segment
+            result = scan(log_fd, base_offset, file_size)
+            segment.rebuilt_index = True
+            if result.stop_reason is not None:
+                if active:
+                    segment.cut_bytes = file_size - result.end_position
+                    _log.warning(
+                        "%s: cutting %d bytes at the end of the active segment (%s)",
+                        segment.log_path,
+                        file_size - result.end_position,
+                        result.stop_reason,
+                    )
+                    os.ftruncate(log_fd, result.end_position)
+                    os.fsync(log_fd)
+                else:
+                    segment.corrupt_from = result.next_offset
+                    _log.error(
+                        "%s: sealed segment is corrupt from offset %d (%s); reads stop there",
+                        segment.log_path,
+                        result.next_offset,
+                        result.stop_reason,
+                    )
+            IndexFile.write_new(segment.index_path, result.entries).close()
+        finally:
+            os.close(log_fd)
+        segment.next_offset = result.next_offset
+        segment.size_bytes = result.end_position
+        segment.first_timestamp_ns = result.first_timestamp_ns
+        segment.last_timestamp_ns = result.last_timestamp_ns
+        return segment
+
+    def _adopt_index(self, file_size: int) -> bool:
+        """Use the index as it is if it describes the log exactly; report whether it did."""
+        try:
+            index_size = self.index_path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if index_size % INDEX_ENTRY_BYTES:
+            return False
+        index = IndexFile.open(self.index_path)
+        try:
+            if index.count == 0:
+                return file_size == 0
+            first, last = index.entry(0), index.entry(index.count - 1)
+            consistent = (
+                first.position == 0
+                and first.relative_offset >= 0
+                and last.relative_offset >= index.count - 1
+                and last.position + last.size == file_size
+                and last.timestamp_ns >= first.timestamp_ns
+            )
+            if consistent:
+                self.next_offset = self.base_offset + last.relative_offset + 1
+                self.size_bytes = file_size
+                self.first_timestamp_ns = first.timestamp_ns
+                self.last_timestamp_ns = last.timestamp_ns
+            return consistent
+        finally:
+            index.close()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def append(
+        self, data: bytes | bytearray, entries: bytearray, next_offset: int, timestamp_ns: int
+    ) -> None:
+        """Append a framed batch with one write, then its index entries.
+
+        Raises:
+            LogWriteError: The write failed; the log file is cut back to its previous size so
+                no partial record remains, and nothing in memory changed.
+        """
+        fd = self.log_fd()
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write: {written} of {len(data)} bytes")
+        except OSError as exc:
+            self._cut_back(fd)
+            raise LogWriteError(f"append to {self.log_path} failed: {exc}") from exc
+        try:
+            self.index.append(entries)
+        except OSError as exc:
+            self._cut_back(fd)
+            self.index.truncate(self.record_count)
+            raise LogWriteError(f"index append to {self.index_path} failed: {exc}") from exc
+        self.size_bytes += len(data)
+        self.next_offset = next_offset
+        if self.first_timestamp_ns is None:
+            self.first_timestamp_ns = timestamp_ns
+        self.last_timestamp_ns = timestamp_ns
+
+    def _cut_back(self, fd: int) -> None:
+        try:
+            os.ftruncate(fd, self.size_bytes)
+        except OSError:
+            _log.exception("%s: could not cut a failed write back", self.log_path)
+
+    def seal(self) -> None:
+        """Stop appending: reopen the handles read-only."""
+        self.close_handles()
+        self.active = False
+
+    # -- reading -------------------------------------------------------------------------
+
+    def position_of(self, offset: int) -> tuple[int, int] | None:
+        """``(position, offset)`` of the first record at or after ``offset``, or ``None``."""
+        i = self.index.find_offset(offset - self.base_offset)
+        if i is None:
+            return None
+        entry = self.index.entry(i)
+        return entry.position, self.base_offset + entry.relative_offset
+
+    def read(
+        self, position: int, expected_offset: int, max_offset: int, max_bytes: int
+    ) -> ReadResult:
+        """Read verified records from ``position`` up to ``max_offset`` within ``max_bytes``.
+
+        At least one record is returned when one is available, even if it alone exceeds
+        ``max_bytes`` (otherwise a reader could never move past it).
+
+        Raises:
+            CorruptRecordError: The first record at ``position`` fails its checks; nothing
+                after a bad record is ever returned.
+        """
+        if self.corrupt_from is not None and expected_offset >= self.corrupt_from:
+            raise CorruptRecordError(expected_offset, self.log_path, position, "found by recovery")
+        available = self.size_bytes - position
+        if available <= 0:
+            return ReadResult(b"", 0, -1, position)
+        fd = self.log_fd()
+        data = os.pread(fd, min(available, max_bytes), position)
+        cursor = 0
+        count = 0
+        last_offset = -1
+        while cursor + HEADER_BYTES <= len(data):
+            offset, _ts, _epoch, body_size = HEADER.unpack_from(data, cursor)
+            end = cursor + HEADER_BYTES + body_size
+            if count and (offset > max_offset or end > len(data)):
+                break
+            if count == 0 and offset <= max_offset and end > len(data) and end <= available:
+                data = os.pread(fd, end, position)  # one record larger than the budget
+            reason = verify_record(data, cursor)
+            if reason is None and offset < expected_offset:
+                reason = f"offset {offset} where at least {expected_offset} was expected"
+            if reason is not None:
+                if count:
+                    break  # serve the good records; the next read reports the bad one
+                raise CorruptRecordError(expected_offset, self.log_path, position, reason)
+            if offset > max_offset:
+                break
+            count += 1
+            last_offset = offset
+            expected_offset = offset + 1
+            cursor = end
+        return ReadResult(data[:cursor], count, last_offset, position + cursor)
+
+    def entries_between(self, low: int, high: int) -> list[tuple[int, int, int]]:
+        """``(offset, position, size)`` of index entries ``low`` to ``high`` (exclusive)."""
+        data = os.pread(
+            self.index.fileno(), (high - low) * INDEX_ENTRY_BYTES, low * INDEX_ENTRY_BYTES
+        )
+        return [
+            (self.base_offset + relative, position, size)
+            for relative, _ts, position, size in INDEX_ENTRY.iter_unpack(data)
+        ]
