@@ -121,12 +121,17 @@ class FileCommitLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
         await self._syncer.stop()
+        await asyncio.to_thread(self._sync_active)
+        # Appends still waiting for a sync see it done and return; none can start another.
+        self._syncer.mark_durable()
         await asyncio.to_thread(self._close_files)
 
-    def _close_files(self) -> None:
+    def _sync_active(self) -> None:
         active = self.segments[-1]
-        os.fsync(active.log_fd())
+        os.fdatasync(active.log_fd())
         os.fsync(active.index.fileno())
+
+    def _close_files(self) -> None:
         self.checkpoint_high_watermark()
         checkpoint.write_atomic(self.directory / CLEAN_SHUTDOWN_FILE, b"clean\n")
         for segment in self.segments:

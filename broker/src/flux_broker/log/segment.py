@@ -382,7 +382,7 @@ class Segment:
         if available <= 0:
             return ReadResult(b"", 0, -1, position)
         fd = self.log_fd()
-        data = os.pread(fd, min(available, max_bytes), position)
+        data = os.pread(fd, min(available, max(max_bytes, HEADER_BYTES)), position)
         cursor = 0
         count = 0
         last_offset = -1
