@@ -125,8 +125,9 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Placeholder: benchmarks against NATS JetStream arrive with the data-path issue."""
-    session.log("bench: placeholder -- no benchmarks exist yet; nothing to run")
+    """The commit-log benchmark with its baseline; arguments after -- go to it (e.g. --quick)."""
+    install(session, "test")
+    session.run("python", str(ROOT / "broker" / "bench" / "log_bench.py"), *session.posargs)
 
 
 @nox.session

@@ -83,12 +83,18 @@ def _client_batch(records: list[fmt.NewRecord]) -> bytearray:
 
 
 @given(st.lists(record_st, min_size=1, max_size=20))
-def test_check_framed_accepts_well_formed_batches(records: list[fmt.NewRecord]) -> None:
+def test_check_and_stamp_accepts_well_formed_batches(records: list[fmt.NewRecord]) -> None:
     batch = _client_batch(records)
-    layout = fmt.check_framed(batch, MIB)
-    assert len(layout) == len(records)
-    fmt.stamp(batch, layout, AT)
+    original = bytes(batch)
+    index = fmt.check_and_stamp(batch, AT, MIB)
+    assert len(index) == fmt.INDEX_ENTRY_BYTES * len(records)
     decoded = list(fmt.iter_decode(batch))
+    # Bodies are stored as the client sent them; only the header stamps changed.
+    position = 0
+    for _, _, _, size in fmt.INDEX_ENTRY.iter_unpack(index):
+        body = slice(position + fmt.HEADER_BYTES, position + size)
+        assert batch[body] == original[body]
+        position += size
     assert [r.offset for r in decoded] == list(range(10, 10 + len(records)))
     assert {(r.timestamp_ns, r.leader_epoch) for r in decoded} == {(123, 7)}
 
@@ -98,13 +104,18 @@ def test_any_flipped_body_byte_is_caught_with_its_record_index(
     records: list[fmt.NewRecord], data: st.DataObject
 ) -> None:
     batch = _client_batch(records)
-    layout = fmt.check_framed(batch, MIB)
+    layout = [
+        (entry[2], entry[3])
+        for entry in fmt.INDEX_ENTRY.iter_unpack(
+            fmt.check_and_stamp(bytearray(batch), fmt.Placement(0, 0, 0, 0, 0), MIB)
+        )
+    ]
     victim = data.draw(st.integers(0, len(records) - 1))
     position, size = layout[victim]
     byte = data.draw(st.integers(position + fmt.HEADER_BYTES, position + size - 1))
     batch[byte] ^= 1 << data.draw(st.integers(0, 7))
     with pytest.raises(InvalidBatchError) as bad:
-        fmt.check_framed(batch, MIB)
+        fmt.check_and_stamp(batch, AT, MIB)
     assert bad.value.index == victim
 
 
@@ -117,26 +128,26 @@ def test_any_flipped_body_byte_is_caught_with_its_record_index(
     ],
     ids=["truncated-body", "truncated-header", "empty"],
 )
-def test_check_framed_rejects_truncation(mutate: object, reason: str) -> None:
+def test_check_and_stamp_rejects_truncation(mutate: object, reason: str) -> None:
     batch = _client_batch([fmt.NewRecord(b"value")])
     assert callable(mutate)
     with pytest.raises(InvalidBatchError, match=reason):
-        fmt.check_framed(bytearray(mutate(batch)), MIB)
+        fmt.check_and_stamp(bytearray(mutate(batch)), AT, MIB)
 
 
-def test_check_framed_rejects_consistent_crc_but_bad_structure() -> None:
+def test_check_and_stamp_rejects_consistent_crc_but_bad_structure() -> None:
     """A body whose CRC matches but whose lengths lie is still refused (client bugs)."""
     rest = struct.pack(">bbi", 1, 0, 50) + b"short" + struct.pack(">ih", 0, 0)
     body = struct.pack(">I", crc32c(rest)) + rest
     batch = bytearray(fmt.HEADER.pack(0, 0, 0, len(body)) + body)
     with pytest.raises(InvalidBatchError, match="key runs past"):
-        fmt.check_framed(batch, MIB)
+        fmt.check_and_stamp(batch, AT, MIB)
 
 
-def test_check_framed_rejects_unknown_magic_and_oversized_records() -> None:
+def test_check_and_stamp_rejects_unknown_magic_and_oversized_records() -> None:
     rest = struct.pack(">bbi", 2, 0, -1) + struct.pack(">ih", -1, 0)
     body = struct.pack(">I", crc32c(rest)) + rest
     with pytest.raises(InvalidBatchError, match="magic"):
-        fmt.check_framed(bytearray(fmt.HEADER.pack(0, 0, 0, len(body)) + body), MIB)
+        fmt.check_and_stamp(bytearray(fmt.HEADER.pack(0, 0, 0, len(body)) + body), AT, MIB)
     with pytest.raises(InvalidBatchError, match="exceeds 40"):
-        fmt.check_framed(_client_batch([fmt.NewRecord(b"x" * 20)]), 40)
+        fmt.check_and_stamp(_client_batch([fmt.NewRecord(b"x" * 20)]), AT, 40)

@@ -27,10 +27,16 @@ from flux_broker.clock import Clock, SystemClock
 from flux_broker.log import checkpoint
 from flux_broker.log.config import LogConfig, SyncPolicy
 from flux_broker.log.contract import AppendResult
-from flux_broker.log.errors import BatchTooLargeError, LogClosedError
-from flux_broker.log.format import NewRecord, Placement, check_framed, frame, stamp
+from flux_broker.log.errors import BatchTooLargeError, CorruptRecordError, LogClosedError
+from flux_broker.log.format import (
+    INDEX_ENTRY_BYTES,
+    NewRecord,
+    Placement,
+    check_and_stamp,
+    frame,
+)
 from flux_broker.log.reader import ForwardReader, ReverseReader
-from flux_broker.log.segment import INDEX_SUFFIX, LOG_SUFFIX, Segment
+from flux_broker.log.segment import INDEX_SUFFIX, LOG_SUFFIX, Segment, segment_name
 from flux_broker.log.syncer import Syncer
 
 __all__ = ["CLEAN_SHUTDOWN_FILE", "HW_CHECKPOINT_FILE", "FileCommitLog", "LogStats"]
@@ -84,6 +90,7 @@ class FileCommitLog:
         self._committed_event = asyncio.Event()
         self._syncer = Syncer(config.sync_policy, config.sync_interval_s, self._active_fd)
         self._checkpointer: asyncio.Task[None] | None = None
+        self._checkpoint_write: asyncio.Future[None] | None = None
         self._checkpointed_hw: int | None = None
         self._append_lock = asyncio.Lock()
 
@@ -120,6 +127,9 @@ class FileCommitLog:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
+        if self._checkpoint_write is not None:
+            with contextlib.suppress(OSError):
+                await self._checkpoint_write
         await self._syncer.stop()
         await asyncio.to_thread(self._sync_active)
         # Appends still waiting for a sync see it done and return; none can start another.
@@ -185,8 +195,14 @@ class FileCommitLog:
         while True:
             await asyncio.sleep(self.config.hw_checkpoint_interval_s)
             if self._high_watermark != self._checkpointed_hw:
+                # The write runs in a thread that cancellation cannot stop: keep it, so close()
+                # can wait for it before writing the final value (else an older HW could land
+                # last).
+                self._checkpoint_write = asyncio.ensure_future(
+                    asyncio.to_thread(self.checkpoint_high_watermark)
+                )
                 try:
-                    await asyncio.to_thread(self.checkpoint_high_watermark)
+                    await asyncio.shield(self._checkpoint_write)
                 except OSError:
                     _log.exception("%s: HW checkpoint failed; retrying", self.directory)
 
@@ -210,13 +226,13 @@ class FileCommitLog:
         """Append a client-framed batch, verified and stamped (see the contract)."""
         if len(data) > self.config.batch_max_bytes:
             raise BatchTooLargeError(len(data), self.config.batch_max_bytes)
-        batch = bytearray(data)
-        layout = check_framed(batch, self.config.record_max_bytes)
+        batch = bytearray(data)  # stamped in place: never the caller's buffer
         async with self._append_lock:
             self._check_open()
             at, roll = self._placement()
-            entries = stamp(batch, layout, at)
-            result = self._write(batch, entries, len(layout), at, roll)
+            entries = check_and_stamp(batch, at, self.config.record_max_bytes)
+            count = len(entries) // INDEX_ENTRY_BYTES
+            result = self._write(batch, entries, count, at, roll)
         await self._syncer.after_append()
         return result
 
@@ -244,7 +260,7 @@ class FileCommitLog:
         return at, roll
 
     def _write(
-        self, data: bytearray, entries: bytearray, count: int, at: Placement, roll: bool
+        self, data: bytearray, entries: bytes, count: int, at: Placement, roll: bool
     ) -> AppendResult:
         if roll:
             self._roll()
@@ -260,7 +276,9 @@ class FileCommitLog:
         """Seal the active segment and start a new one at the next offset."""
         old = self.segments[-1]
         if self.config.sync_policy is not SyncPolicy.NEVER:
-            os.fdatasync(old.log_fd())  # its data must not wait for a sync of the new file
+            # Its data must not wait for a sync of the new file; its index is sealed for good.
+            os.fdatasync(old.log_fd())
+            os.fsync(old.index.fileno())
         new = Segment.create(self.directory, old.next_offset)
         checkpoint.fsync_dir(self.directory)
         old.seal()
@@ -315,6 +333,45 @@ class FileCommitLog:
         self._committed_event = asyncio.Event()
         self._uncommitted_event = asyncio.Event()
 
+    def segment_after(self, segment: Segment) -> Segment | None:
+        """The segment following ``segment``, or ``None`` for the active one."""
+        i = bisect.bisect_right(self._bases, segment.base_offset)
+        return self.segment_for(self._bases[i]) if i < len(self._bases) else None
+
+    def check_not_corrupt(self, segment: Segment, offset: int) -> None:
+        """Raise if ``offset`` lies in the part of ``segment`` that recovery found corrupt.
+
+        Raises:
+            CorruptRecordError: It does (counted in ``stats.corrupt_records``).
+        """
+        if segment.corrupt_from is not None and offset >= segment.corrupt_from:
+            self.stats.corrupt_records += 1
+            raise CorruptRecordError(
+                segment.corrupt_from, segment.log_path, segment.size_bytes, "found by recovery"
+            )
+
+    def locate(self, segment: Segment, offset: int) -> tuple[int, int, int] | None:
+        """``(entry, position, offset)`` of the first record at or after ``offset``.
+
+        In a dense segment the index must name ``offset`` itself; if it does not, the index is
+        damaged and is rebuilt from the log before answering.
+        """
+        located = segment.position_of(offset)
+        if (
+            segment.dense
+            and offset < segment.next_offset
+            and (located is None or located[2] != offset)
+        ):
+            self.rebuild_index(segment)
+            located = segment.position_of(offset)
+        return located
+
+    def rebuild_index(self, segment: Segment) -> None:
+        """Rebuild ``segment``'s index from its log (after finding it inconsistent)."""
+        _log.warning("%s: index inconsistent with its log; rebuilding it", segment.index_path)
+        segment.rebuild_index()
+        self.stats.index_rebuilds += 1
+
     def holds(self, segment: Segment) -> bool:
         """Whether ``segment`` is still one of the log's segments."""
         i = bisect.bisect_left(self._bases, segment.base_offset)
@@ -339,6 +396,15 @@ class FileCommitLog:
             evicted.close_handles()
 
 
+def _is_empty_segment(directory: Path, base: int) -> bool:
+    return (directory / (segment_name(base) + LOG_SUFFIX)).stat().st_size == 0
+
+
+def _drop_segment_files(directory: Path, base: int) -> None:
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX):
+        (directory / (segment_name(base) + suffix)).unlink(missing_ok=True)
+
+
 def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
     """Open every segment of ``directory`` (blocking), repairing crash damage."""
     stats = LogStats()
@@ -356,8 +422,12 @@ def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
     for path in directory.glob(f"*{INDEX_SUFFIX}"):
         if _SEGMENT_FILE.match(path.name) and not path.with_suffix(LOG_SUFFIX).exists():
             path.unlink()  # an index without its log
-    segments: list[Segment] = []
     ordered = sorted(bases)
+    while len(ordered) > 1 and _is_empty_segment(directory, ordered[-1]):
+        # A crash right after a roll: the new segment never got a record. Drop it, so the
+        # segment before it is recovered as the active one (its tail may need cutting).
+        _drop_segment_files(directory, ordered.pop())
+    segments: list[Segment] = []
     for i, base in enumerate(ordered):
         active = i == len(ordered) - 1
         segment = Segment.recover(directory, base, active=active, trust=clean or not active)
@@ -376,8 +446,12 @@ def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
     segments[-1].active = True
     segments[-1].open_handles()
     newest = segments[-1].next_offset - 1
-    hw = checkpoint.read_int(directory / HW_CHECKPOINT_FILE)
-    hw = -1 if hw is None else min(max(hw, -1), newest)
+    stored_hw = checkpoint.read_int(directory / HW_CHECKPOINT_FILE)
+    hw = -1 if stored_hw is None else min(max(stored_hw, -1), newest)
+    if stored_hw is not None and stored_hw != hw:
+        # Write the corrected value now: records appended later must not look committed.
+        _log.warning("%s: HW checkpoint %d beyond the log; using %d", directory, stored_hw, hw)
+        checkpoint.write_int(directory / HW_CHECKPOINT_FILE, hw)
     if clean:
         marker.unlink()
     checkpoint.fsync_dir(directory)

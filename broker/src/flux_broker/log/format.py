@@ -21,10 +21,11 @@ An **index entry** is 20 bytes: relative offset i32 | timestamp i64 | position i
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from crc32c import crc32c
 
@@ -66,7 +67,15 @@ INDEX_ENTRY: Final = struct.Struct(">iqii")
 INDEX_ENTRY_BYTES: Final = INDEX_ENTRY.size
 
 _NULL_KEY_PREFIX: Final = struct.pack(">bbi", MAGIC, 0, NULL_LENGTH)
-_EMPTY_HEADERS: Final = HEADER_COUNT.pack(0)
+_NULL_KEY_VALUE_LENGTH: Final = struct.Struct(">bbii")
+_NO_HEADERS: Final = HEADER_COUNT.pack(0)
+_NULL_KEY_NULL_VALUE_NO_HEADERS: Final = (
+    _NULL_KEY_VALUE_LENGTH.pack(MAGIC, 0, NULL_LENGTH, NULL_LENGTH) + _NO_HEADERS
+)
+# A header followed by the CRC, packed together when framing.
+HEADER_AND_CRC: Final = struct.Struct(">QqQII")
+# A header and the fixed body prefix (CRC, magic, attributes, key length), read together.
+RECORD_PREFIX: Final = struct.Struct(">QqQIIbbi")
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -87,8 +96,7 @@ class NewRecord:
     headers: Headers = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A record as stored: the producer's parts plus what the broker assigned."""
 
     offset: int
@@ -99,9 +107,14 @@ class Record:
     headers: Headers
 
 
-def encode_body(record: NewRecord) -> bytes:
-    """Return the body of ``record`` (CRC first), as stored after the 28-byte header."""
-    key, value = record.key, record.value
+def encode_rest(record: NewRecord) -> bytes:
+    """The body of ``record`` after its CRC (what the CRC covers)."""
+    key, value, headers = record.key, record.value, record.headers
+    if key is None and not headers:
+        # The common shape, in one pack: magic, attributes, null key, value length.
+        if value is None:
+            return _NULL_KEY_NULL_VALUE_NO_HEADERS
+        return _NULL_KEY_VALUE_LENGTH.pack(MAGIC, 0, NULL_LENGTH, len(value)) + value + _NO_HEADERS
     parts: list[bytes] = [
         _NULL_KEY_PREFIX if key is None else struct.pack(">bbi", MAGIC, 0, len(key))
     ]
@@ -111,19 +124,21 @@ def encode_body(record: NewRecord) -> bytes:
         parts.append(LENGTH.pack(NULL_LENGTH))
     else:
         parts += (LENGTH.pack(len(value)), value)
-    if record.headers:
-        parts.append(HEADER_COUNT.pack(len(record.headers)))
-        for name, header_value in record.headers:
-            encoded = name.encode("utf-8")
-            parts += (
-                HEADER_KEY_LENGTH.pack(len(encoded)),
-                encoded,
-                LENGTH.pack(len(header_value)),
-                header_value,
-            )
-    else:
-        parts.append(_EMPTY_HEADERS)
-    rest = b"".join(parts)
+    parts.append(HEADER_COUNT.pack(len(headers)))
+    for name, header_value in headers:
+        encoded = name.encode("utf-8")
+        parts += (
+            HEADER_KEY_LENGTH.pack(len(encoded)),
+            encoded,
+            LENGTH.pack(len(header_value)),
+            header_value,
+        )
+    return b"".join(parts)
+
+
+def encode_body(record: NewRecord) -> bytes:
+    """Return the body of ``record`` (CRC first), as stored after the 28-byte header."""
+    rest = encode_rest(record)
     return CRC.pack(crc32c(rest)) + rest
 
 
@@ -149,7 +164,7 @@ class Placement:
 
 def frame(
     records: Sequence[NewRecord], at: Placement, max_record_bytes: int, max_batch_bytes: int
-) -> tuple[bytearray, bytearray]:
+) -> tuple[bytearray, bytes]:
     """Frame ``records`` as consecutive log records placed ``at``.
 
     Returns:
@@ -160,24 +175,39 @@ def frame(
         BatchTooLargeError: The framed batch exceeds ``max_batch_bytes``.
     """
     data = bytearray()
-    index = bytearray(INDEX_ENTRY_BYTES * len(records))
-    pack_header = HEADER.pack
-    pack_entry = INDEX_ENTRY.pack_into
+    sizes: list[int] = []
+    pack_head = HEADER_AND_CRC.pack
     offset, timestamp_ns, epoch = at.base_offset, at.timestamp_ns, at.leader_epoch
+    for record in records:
+        rest = encode_rest(record)
+        body_size = CRC_BYTES + len(rest)
+        data += pack_head(offset, timestamp_ns, epoch, body_size, crc32c(rest))
+        data += rest
+        sizes.append(HEADER_BYTES + body_size)
+        offset += 1
+    # Limits are checked once the batch is framed: nothing has been written yet.
+    if max(sizes, default=0) > max_record_bytes:
+        i = next(i for i, size in enumerate(sizes) if size > max_record_bytes)
+        raise RecordTooLargeError(i, sizes[i], max_record_bytes)
+    if len(data) > max_batch_bytes:
+        raise BatchTooLargeError(len(data), max_batch_bytes)
+    return data, index_entries(at, sizes)
+
+
+def index_entries(at: Placement, sizes: Sequence[int]) -> bytes:
+    """The index entries of a batch of records of ``sizes`` bytes placed ``at``."""
+    count = len(sizes)
     relative = at.base_offset - at.segment_base_offset
-    start = at.segment_position
-    for i, record in enumerate(records):
-        body = encode_body(record)
-        size = HEADER_BYTES + len(body)
-        if size > max_record_bytes:
-            raise RecordTooLargeError(i, size, max_record_bytes)
-        position = len(data)
-        if position + size > max_batch_bytes:
-            raise BatchTooLargeError(position + size, max_batch_bytes)
-        data += pack_header(offset + i, timestamp_ns, epoch, len(body))
-        data += body
-        pack_entry(index, i * INDEX_ENTRY_BYTES, relative + i, timestamp_ns, start + position, size)
-    return data, index
+    positions = itertools.accumulate(sizes, initial=at.segment_position)
+    return b"".join(
+        map(
+            INDEX_ENTRY.pack,
+            range(relative, relative + count),
+            itertools.repeat(at.timestamp_ns, count),
+            positions,
+            sizes,
+        )
+    )
 
 
 def _check_body(body: memoryview) -> str | None:  # noqa: PLR0911, PLR0912 -- one check per field
@@ -225,19 +255,21 @@ def _check_body(body: memoryview) -> str | None:  # noqa: PLR0911, PLR0912 -- on
     return None
 
 
-def check_framed(data: bytearray, max_record_bytes: int) -> list[tuple[int, int]]:
-    """Validate a client-framed batch without changing it.
+def check_and_stamp(data: bytearray, at: Placement, max_record_bytes: int) -> bytes:
+    """Validate a client-framed batch and stamp offsets, timestamp and epoch into it.
 
     Each record's body is checked (length, CRC-32C, magic, and that key, value and headers
-    fill it exactly); nothing is re-encoded. Offsets, timestamps and epochs the client wrote
-    in the headers are ignored: :func:`stamp` overwrites them.
+    fill it exactly) but never re-encoded; only header fields outside the CRC are written, in
+    place, as each record passes. The offsets, timestamps and epochs a client wrote are
+    ignored. On error ``data`` may be partly stamped: pass a copy the caller can drop.
 
     Args:
         data: The batch.
+        at: Where the batch goes.
         max_record_bytes: Largest allowed record, header included.
 
     Returns:
-        ``(position, size)`` of each record in the batch, size including the header.
+        The batch's index entries.
 
     Raises:
         InvalidBatchError: The batch is empty or a record is malformed; ``index`` names the
@@ -245,53 +277,66 @@ def check_framed(data: bytearray, max_record_bytes: int) -> list[tuple[int, int]
     """
     view = memoryview(data)
     total = len(data)
-    sizes: list[tuple[int, int]] = []  # (position, record bytes)
+    sizes: list[int] = []
+    unpack_prefix = RECORD_PREFIX.unpack_from
+    unpack_length = LENGTH.unpack_from
+    pack_stamp = HEADER_STAMP.pack_into
+    prefix_bytes = RECORD_PREFIX.size
+    offset, timestamp_ns, epoch = at.base_offset, at.timestamp_ns, at.leader_epoch
     position = 0
     while position < total:
-        i = len(sizes)
-        if position + HEADER_BYTES > total:
-            raise InvalidBatchError(i, "batch ends inside a record header")
-        (body_size,) = CRC.unpack_from(data, position + BODY_SIZE_AT)
-        end = position + HEADER_BYTES + body_size
-        if end > total:
-            raise InvalidBatchError(i, f"record body of {body_size} bytes runs past the batch")
-        if HEADER_BYTES + body_size > max_record_bytes:
-            raise InvalidBatchError(
-                i, f"record of {HEADER_BYTES + body_size} bytes exceeds {max_record_bytes}"
+        end = -1
+        if position + prefix_bytes <= total:
+            _o, _t, _e, body_size, crc, magic, _attributes, key_length = unpack_prefix(
+                data, position
             )
-        reason = _check_body(view[position + HEADER_BYTES : end])
-        if reason is not None:
-            raise InvalidBatchError(i, reason)
-        sizes.append((position, HEADER_BYTES + body_size))
-        position = end
+            end = position + HEADER_BYTES + body_size
+            # Fast path: a null key (-1) and no headers, the shape most producers send.
+            if key_length == NULL_LENGTH and magic == MAGIC and end <= total:
+                value_at = position + prefix_bytes
+                (value_length,) = unpack_length(data, value_at)
+                count_at = value_at + LENGTH_BYTES + max(value_length, 0)
+                if (
+                    value_length >= NULL_LENGTH
+                    and count_at + HEADER_COUNT_BYTES == end
+                    and data[count_at] == 0
+                    and data[count_at + 1] == 0
+                    and end - position <= max_record_bytes
+                    and crc32c(view[position + HEADER_BYTES + CRC_BYTES : end]) == crc
+                ):
+                    pack_stamp(data, position, offset, timestamp_ns, epoch)
+                    sizes.append(end - position)
+                    offset += 1
+                    position = end
+                    continue
+        size = _checked_record_size(view, position, len(sizes), max_record_bytes)
+        pack_stamp(data, position, offset, timestamp_ns, epoch)
+        sizes.append(size)
+        offset += 1
+        position += size
     if not sizes:
         raise InvalidBatchError(0, "batch holds no records")
-    return sizes
+    return index_entries(at, sizes)
 
 
-def stamp(data: bytearray, layout: Sequence[tuple[int, int]], at: Placement) -> bytearray:
-    """Stamp offsets, timestamp and epoch into a checked framed batch; return its index entries.
-
-    Only header fields outside the CRC are written, in place.
-
-    Args:
-        data: A batch that passed :func:`check_framed`.
-        layout: What :func:`check_framed` returned for it.
-        at: Where the batch goes.
-    """
-    index = bytearray(INDEX_ENTRY_BYTES * len(layout))
-    pack_stamp = HEADER_STAMP.pack_into
-    pack_entry = INDEX_ENTRY.pack_into
-    offset, timestamp_ns, epoch = at.base_offset, at.timestamp_ns, at.leader_epoch
-    relative = at.base_offset - at.segment_base_offset
-    start = at.segment_position
-    for i, (position, size) in enumerate(layout):
-        pack_stamp(data, position, offset + i, timestamp_ns, epoch)
-        pack_entry(index, i * INDEX_ENTRY_BYTES, relative + i, timestamp_ns, start + position, size)
-    return index
+def _checked_record_size(view: memoryview, position: int, i: int, max_record_bytes: int) -> int:
+    """Fully check record ``i`` at ``position``; return its size or raise InvalidBatchError."""
+    total = len(view)
+    if position + HEADER_BYTES > total:
+        raise InvalidBatchError(i, "batch ends inside a record header")
+    body_size: int = CRC.unpack_from(view, position + BODY_SIZE_AT)[0]
+    size = HEADER_BYTES + body_size
+    if position + size > total:
+        raise InvalidBatchError(i, f"record body of {body_size} bytes runs past the batch")
+    if size > max_record_bytes:
+        raise InvalidBatchError(i, f"record of {size} bytes exceeds {max_record_bytes}")
+    reason = _check_body(view[position + HEADER_BYTES : position + size])
+    if reason is not None:
+        raise InvalidBatchError(i, reason)
+    return size
 
 
-def verify_record(data: bytes | bytearray | memoryview, position: int) -> str | None:
+def verify_record(data: memoryview, position: int) -> str | None:
     """Check the record at ``position`` of ``data`` (size and body); ``None`` when it is sound."""
     if position + HEADER_BYTES > len(data):
         return "truncated header"
@@ -299,7 +344,7 @@ def verify_record(data: bytes | bytearray | memoryview, position: int) -> str | 
     end = position + HEADER_BYTES + body_size
     if end > len(data):
         return "truncated body"
-    return _check_body(memoryview(data)[position + HEADER_BYTES : end])
+    return _check_body(data[position + HEADER_BYTES : end])
 
 
 def decode(data: bytes | bytearray | memoryview, position: int = 0) -> tuple[Record, int]:

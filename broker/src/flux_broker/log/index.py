@@ -1,10 +1,12 @@
 """The dense offset index of one segment: one 20-byte entry per record.
 
-Entries (layout in :mod:`flux_broker.log.format`) are appended with one write per batch and
-read back with ``pread``. Lookups binary-search the file, so they cost a few system calls and
-no memory: the log needs them only to position a reader, never per record. Relative offsets
-and timestamps both increase along the file (the log never stamps a timestamp older than the
-previous one), which is what makes both searches valid.
+Entries (layout in :mod:`flux_broker.log.format`) are buffered in memory and written in chunks
+(at most :data:`PENDING_MAX_BYTES` behind), and read back with ``pread`` or from the buffer. A
+lagging index is harmless: recovery rebuilds any index that does not describe its log, and the
+log flushes it at every roll and close. Lookups binary-search the file, so they cost a few
+system calls and no memory: the log needs them only to position a reader, never per record.
+Relative offsets and timestamps both increase along the file (the log never stamps a timestamp
+older than the previous one), which is what makes both searches valid.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import NamedTuple
 
 from flux_broker.log.format import INDEX_ENTRY, INDEX_ENTRY_BYTES
 
-__all__ = ["IndexEntry", "IndexFile"]
+__all__ = ["PENDING_MAX_BYTES", "IndexEntry", "IndexFile"]
+
+#: Index bytes kept in memory before they are written (one write per this many bytes).
+PENDING_MAX_BYTES = 64 * 1024
 
 
 class IndexEntry(NamedTuple):
@@ -35,6 +40,8 @@ class IndexFile:
         self.path = path
         self._fd = fd
         self.count = count
+        self._written = count  # entries on disk; the rest are in _pending
+        self._pending = bytearray()
 
     @classmethod
     def open(cls, path: Path) -> IndexFile:
@@ -56,22 +63,37 @@ class IndexFile:
         return cls.open(path)
 
     def append(self, entries: bytes | bytearray) -> None:
-        """Append whole entries with one write."""
-        _write_all(self._fd, entries)
+        """Append whole entries (buffered; written once enough are pending)."""
+        self._pending += entries
         self.count += len(entries) // INDEX_ENTRY_BYTES
+        if len(self._pending) >= PENDING_MAX_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries."""
+        if self._pending:
+            _write_all(self._fd, self._pending)
+            self._pending.clear()
+            self._written = self.count
 
     def truncate(self, count: int) -> None:
         """Keep only the first ``count`` entries."""
+        self.flush()
         os.ftruncate(self._fd, count * INDEX_ENTRY_BYTES)
-        self.count = count
+        self.count = self._written = count
 
     def entry(self, i: int) -> IndexEntry:
         """Return entry ``i`` (0-based)."""
+        if i >= self._written:
+            return IndexEntry(
+                *INDEX_ENTRY.unpack_from(self._pending, (i - self._written) * INDEX_ENTRY_BYTES)
+            )
         data = os.pread(self._fd, INDEX_ENTRY_BYTES, i * INDEX_ENTRY_BYTES)
         return IndexEntry(*INDEX_ENTRY.unpack(data))
 
     def read_all(self) -> bytes:
         """All valid entries' bytes (for consistency checks of small indexes and tests)."""
+        self.flush()
         return os.pread(self._fd, self.count * INDEX_ENTRY_BYTES, 0)
 
     def find_offset(self, relative_offset: int) -> int | None:
@@ -103,14 +125,18 @@ class IndexFile:
         return low if low < self.count else None
 
     def fileno(self) -> int:
-        """The file descriptor (for fsync)."""
+        """The file descriptor, with pending entries written first (for fsync)."""
+        self.flush()
         return self._fd
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Write pending entries and close the file (idempotent)."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

@@ -64,28 +64,45 @@ class ForwardReader:
         self._check_open()
         log = self._log
         bound = log.high_watermark if self._committed else log.newest_offset
-        # A bounded walk: each pass either returns or moves to a later segment.
-        for _ in range(len(log.segments) + 1):
+        repaired = False
+        # A bounded walk: each pass returns, or moves to a later segment, or repairs an index
+        # once.
+        for _ in range(len(log.segments) + 2):
             if self._next_offset > bound:
                 return None
             self._next_offset = max(self._next_offset, log.oldest_offset)
             segment = self._segment
+            located_entry = -1
             if (
                 segment is None
                 or not log.holds(segment)
                 or self._next_offset >= segment.next_offset
             ):
                 segment = log.segment_for(self._next_offset)
-                located = segment.position_of(self._next_offset)
-                if located is None:  # past this segment's records: try the next one
+                log.check_not_corrupt(segment, self._next_offset)
+                located = log.locate(segment, self._next_offset)
+                if located is None:  # past this segment's records: go on with the next one
+                    following = log.segment_after(segment)
+                    if following is None:
+                        return None
                     self._segment = None
-                    self._next_offset = segment.next_offset
+                    self._next_offset = max(self._next_offset, following.base_offset)
                     continue
                 self._segment = segment
-                self._position, self._next_offset = located
+                located_entry, self._position, self._next_offset = located
             try:
                 result = segment.read(self._position, self._next_offset, bound, max_bytes)
             except CorruptRecordError:
+                if (
+                    located_entry >= 0
+                    and not repaired
+                    and not segment.index_agrees_around(located_entry)
+                ):
+                    # The index, not the record, is damaged: rebuild it and retry.
+                    log.rebuild_index(segment)
+                    self._segment = None
+                    repaired = True
+                    continue
                 log.stats.corrupt_records += 1
                 raise
             if result.count == 0:
@@ -116,13 +133,19 @@ class ReverseReader:
         self._closed = True
 
     async def read(self, max_bytes: int | None = None) -> RecordBatch | None:
-        """Return the next batch going backwards, or ``None`` past the oldest offset."""
+        """Return the next batch going backwards, or ``None`` past the oldest offset.
+
+        Raises:
+            CorruptRecordError: The next (older) record failed its checks. Every record newer
+                than it has been returned first.
+        """
         if self._closed or self._log.closed:
             raise LogClosedError("reader closed" if self._closed else "log closed")
         budget = max_bytes if max_bytes is not None else self._log.config.read_max_bytes
         log = self._log
-        while self._next_offset >= log.oldest_offset and self._next_offset >= 0:
+        while self._next_offset >= max(log.oldest_offset, 0):
             segment = log.segment_for(self._next_offset)
+            log.check_not_corrupt(segment, self._next_offset)
             index = segment.index
             high = index.find_offset(self._next_offset - segment.base_offset + 1)
             high = index.count if high is None else high  # entries [.., high) are <= next
@@ -130,20 +153,44 @@ class ReverseReader:
                 self._next_offset = segment.base_offset - 1
                 continue
             top = index.entry(high - 1)
+            top_offset = segment.base_offset + top.relative_offset
             end = top.position + top.size
             low = _first_entry_at_or_after(segment, end - budget, high - 1)
-            first_offset = segment.base_offset + index.entry(low).relative_offset
-            start = index.entry(low).position
-            result = segment.read(
-                start, first_offset, segment.base_offset + top.relative_offset, end - start
-            )
-            if result.count == 0:
-                return None
-            self._next_offset = first_offset - 1
-            return RecordBatch(
-                result.data, first_offset, result.last_offset, result.count, descending=True
-            )
+            batch = self._read_window(segment, low, top_offset, end)
+            self._next_offset = batch.first_offset - 1
+            return batch
         return None
+
+    def _read_window(self, segment: Segment, low: int, top_offset: int, end: int) -> RecordBatch:
+        """Read index entries from ``low`` up to ``top_offset``.
+
+        Around a bad record, the part above it (newer) is returned first; the bad record
+        itself raises.
+        """
+        index = segment.index
+        while True:
+            entry = index.entry(low)
+            first_offset = segment.base_offset + entry.relative_offset
+            try:
+                result = segment.read(
+                    entry.position, first_offset, top_offset, end - entry.position
+                )
+            except CorruptRecordError as error:
+                bad, failure = first_offset, error
+            else:
+                if result.last_offset == top_offset:
+                    return RecordBatch(
+                        result.data, first_offset, top_offset, result.count, descending=True
+                    )
+                bad = result.last_offset + 1
+                failure = CorruptRecordError(
+                    bad, segment.log_path, result.next_position, "bad record"
+                )
+            following = index.find_offset(bad + 1 - segment.base_offset)
+            if bad >= top_offset or following is None:
+                self._log.stats.corrupt_records += 1
+                raise failure
+            low = following
 
 
 def _first_entry_at_or_after(segment: Segment, position: int, last: int) -> int:

@@ -27,6 +27,7 @@ from flux_broker.log.format import (
     HEADER_BYTES,
     INDEX_ENTRY,
     INDEX_ENTRY_BYTES,
+    MIN_BODY_BYTES,
     verify_record,
 )
 from flux_broker.log.index import IndexFile
@@ -76,15 +77,21 @@ class ReadResult:
     next_position: int
 
 
-def scan(fd: int, base_offset: int, file_size: int) -> ScanResult:
-    """Verify the records of a log file from its start; stop at the first bad one."""
+def scan(fd: int, base_offset: int, file_size: int, *, dense: bool = True) -> ScanResult:
+    """Verify the records of a log file from its start; stop at the first bad one.
+
+    In a ``dense`` segment (every segment until compaction exists) offsets must be exactly
+    consecutive from ``base_offset``; otherwise they must only increase.
+    """
     result = ScanResult(next_offset=base_offset)
     buffer = b""
+    view = memoryview(buffer)
     buffer_start = 0  # file position of buffer[0]
     position = 0
     while position < file_size:
         if position + HEADER_BYTES > buffer_start + len(buffer):
             buffer, buffer_start = _refill(fd, position, file_size, HEADER_BYTES)
+            view = memoryview(buffer)
         local = position - buffer_start
         if local + HEADER_BYTES > len(buffer):
             result.stop_reason = f"torn header at byte {position}"
@@ -96,11 +103,14 @@ def scan(fd: int, base_offset: int, file_size: int) -> ScanResult:
             break
         if local + record_bytes > len(buffer):
             buffer, buffer_start = _refill(fd, position, file_size, record_bytes)
+            view = memoryview(buffer)
             local = 0
-        reason = verify_record(buffer, local)
+        reason = verify_record(view, local)
         offset, timestamp_ns, _epoch, _size = HEADER.unpack_from(buffer, local)
-        if reason is None and offset < result.next_offset:
-            reason = f"offset {offset} does not increase (expected >= {result.next_offset})"
+        if reason is None and (
+            offset < result.next_offset or (dense and offset != result.next_offset)
+        ):
+            reason = f"offset {offset} where {result.next_offset} was expected"
         if reason is not None:
             result.stop_reason = f"bad record at byte {position}: {reason}"
             break
@@ -153,7 +163,11 @@ class Segment:
         self.first_timestamp_ns = first_timestamp_ns
         self.last_timestamp_ns = last_timestamp_ns
         self.corrupt_from = corrupt_from
+        # Dense: offsets are exactly consecutive (true until compaction rewrites a segment).
+        self.dense = True
         self.active = False
+        # Bytes from the start of the log that this process framed, checked or scanned.
+        self.verified_bytes = 0
         self.rebuilt_index = False  # set by recover(): the index was rebuilt from the log
         self.cut_bytes = 0  # set by recover(): bytes cut off a torn or corrupt tail
         self._log_fd = -1
@@ -279,6 +293,7 @@ class Segment:
             os.close(log_fd)
         segment.next_offset = result.next_offset
         segment.size_bytes = result.end_position
+        segment.verified_bytes = result.end_position
         segment.first_timestamp_ns = result.first_timestamp_ns
         segment.last_timestamp_ns = result.last_timestamp_ns
         return segment
@@ -315,7 +330,7 @@ class Segment:
     # -- writing -------------------------------------------------------------------------
 
     def append(
-        self, data: bytes | bytearray, entries: bytearray, next_offset: int, timestamp_ns: int
+        self, data: bytes | bytearray, entries: bytes, next_offset: int, timestamp_ns: int
     ) -> None:
         """Append a framed batch with one write, then its index entries.
 
@@ -337,6 +352,8 @@ class Segment:
             self._cut_back(fd)
             self.index.truncate(self.record_count)
             raise LogWriteError(f"index append to {self.index_path} failed: {exc}") from exc
+        if self.verified_bytes == self.size_bytes:
+            self.verified_bytes += len(data)  # framed or checked before the write
         self.size_bytes += len(data)
         self.next_offset = next_offset
         if self.first_timestamp_ns is None:
@@ -349,6 +366,26 @@ class Segment:
         except OSError:
             _log.exception("%s: could not cut a failed write back", self.log_path)
 
+    def rebuild_index(self) -> None:
+        """Rebuild the index from the log (found inconsistent while reading).
+
+        A record that fails its checks ends the index there and marks the segment corrupt
+        from that offset; nothing is cut while the log is open.
+        """
+        result = scan(self.log_fd(), self.base_offset, self.size_bytes, dense=self.dense)
+        self.close_handles()
+        IndexFile.write_new(self.index_path, result.entries).close()
+        self.open_handles()
+        self.verified_bytes = max(self.verified_bytes, result.end_position)
+        if result.stop_reason is not None:
+            self.corrupt_from = result.next_offset
+            _log.error(
+                "%s: corrupt from offset %d (%s); reads stop there",
+                self.log_path,
+                result.next_offset,
+                result.stop_reason,
+            )
+
     def seal(self) -> None:
         """Stop appending: reopen the handles read-only."""
         self.close_handles()
@@ -356,13 +393,32 @@ class Segment:
 
     # -- reading -------------------------------------------------------------------------
 
-    def position_of(self, offset: int) -> tuple[int, int] | None:
-        """``(position, offset)`` of the first record at or after ``offset``, or ``None``."""
+    def position_of(self, offset: int) -> tuple[int, int, int] | None:
+        """``(entry, position, offset)`` of the first record at or after ``offset``, or ``None``.
+
+        ``entry`` is the index entry's number, ``position`` the record's byte position.
+        """
         i = self.index.find_offset(offset - self.base_offset)
         if i is None:
             return None
         entry = self.index.entry(i)
-        return entry.position, self.base_offset + entry.relative_offset
+        return i, entry.position, self.base_offset + entry.relative_offset
+
+    def index_agrees_around(self, i: int) -> bool:
+        """Whether index entry ``i`` fits its neighbours (positions and sizes chain up).
+
+        When a record fails its checks where the index sent a reader, this tells a damaged
+        index (rebuild it) from a damaged record (report it).
+        """
+        index = self.index
+        entry = index.entry(i)
+        if i > 0:
+            before = index.entry(i - 1)
+            if before.position + before.size != entry.position:
+                return False
+        if i + 1 < index.count:
+            return entry.position + entry.size == index.entry(i + 1).position
+        return entry.position + entry.size == self.size_bytes
 
     def read(
         self, position: int, expected_offset: int, max_offset: int, max_bytes: int
@@ -370,7 +426,9 @@ class Segment:
         """Read verified records from ``position`` up to ``max_offset`` within ``max_bytes``.
 
         At least one record is returned when one is available, even if it alone exceeds
-        ``max_bytes`` (otherwise a reader could never move past it).
+        ``max_bytes`` (otherwise a reader could never move past it). Bytes this process
+        framed, checked or scanned (below ``verified_bytes``) are not checked again; offsets
+        and lengths always are.
 
         Raises:
             CorruptRecordError: The first record at ``position`` fails its checks; nothing
@@ -383,19 +441,27 @@ class Segment:
             return ReadResult(b"", 0, -1, position)
         fd = self.log_fd()
         data = os.pread(fd, min(available, max(max_bytes, HEADER_BYTES)), position)
+        view = memoryview(data)
+        verified = self.verified_bytes - position  # data[:verified] needs no CRC check
+        dense = self.dense
+        unpack_header = HEADER.unpack_from
         cursor = 0
         count = 0
         last_offset = -1
         while cursor + HEADER_BYTES <= len(data):
-            offset, _ts, _epoch, body_size = HEADER.unpack_from(data, cursor)
+            offset, _ts, _epoch, body_size = unpack_header(data, cursor)
             end = cursor + HEADER_BYTES + body_size
             if count and (offset > max_offset or end > len(data)):
                 break
             if count == 0 and offset <= max_offset and end > len(data) and end <= available:
                 data = os.pread(fd, end, position)  # one record larger than the budget
-            reason = verify_record(data, cursor)
-            if reason is None and offset < expected_offset:
-                reason = f"offset {offset} where at least {expected_offset} was expected"
+                view = memoryview(data)
+            if offset != expected_offset and (dense or offset < expected_offset):
+                reason: str | None = f"offset {offset} where {expected_offset} was expected"
+            elif end <= verified and body_size >= MIN_BODY_BYTES:
+                reason = None
+            else:
+                reason = verify_record(view, cursor)
             if reason is not None:
                 if count:
                     break  # serve the good records; the next read reports the bad one
@@ -406,6 +472,8 @@ class Segment:
             last_offset = offset
             expected_offset = offset + 1
             cursor = end
+        if position <= self.verified_bytes < position + cursor:
+            self.verified_bytes = position + cursor
         return ReadResult(data[:cursor], count, last_offset, position + cursor)
 
     def entries_between(self, low: int, high: int) -> list[tuple[int, int, int]]:
