@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,13 @@ from flux_broker.log.format import (
     frame,
 )
 from flux_broker.log.reader import ForwardReader, ReverseReader
-from flux_broker.log.segment import INDEX_SUFFIX, LOG_SUFFIX, Segment, segment_name
+from flux_broker.log.segment import (
+    INDEX_SUFFIX,
+    LOG_SUFFIX,
+    HandleCache,
+    Segment,
+    segment_name,
+)
 from flux_broker.log.syncer import Syncer
 
 __all__ = ["CLEAN_SHUTDOWN_FILE", "HW_CHECKPOINT_FILE", "FileCommitLog", "LogStats"]
@@ -85,7 +90,9 @@ class FileCommitLog:
         self._last_timestamp_ns = max(
             (s.last_timestamp_ns for s in segments if s.last_timestamp_ns is not None), default=0
         )
-        self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
+        self._handles = HandleCache(config.open_segment_handles_max)
+        for segment in segments:
+            segment.handle_cache = self._handles
         self._uncommitted_event = asyncio.Event()
         self._committed_event = asyncio.Event()
         self._syncer = Syncer(config.sync_policy, config.sync_interval_s, self._active_fd)
@@ -280,6 +287,7 @@ class FileCommitLog:
             os.fdatasync(old.log_fd())
             os.fsync(old.index.fileno())
         new = Segment.create(self.directory, old.next_offset)
+        new.handle_cache = self._handles
         checkpoint.fsync_dir(self.directory)
         old.seal()
         self.segments.append(new)
@@ -345,10 +353,16 @@ class FileCommitLog:
             CorruptRecordError: It does (counted in ``stats.corrupt_records``).
         """
         if segment.corrupt_from is not None and offset >= segment.corrupt_from:
-            self.stats.corrupt_records += 1
-            raise CorruptRecordError(
+            error = CorruptRecordError(
                 segment.corrupt_from, segment.log_path, segment.size_bytes, "found by recovery"
             )
+            self.report_corruption(error)
+            raise error
+
+    def report_corruption(self, error: CorruptRecordError) -> None:
+        """Log and count a corrupt record a reader stopped at (the reader then raises it)."""
+        self.stats.corrupt_records += 1
+        _log.error("%s: read stopped before a corrupt record: %s", self.directory, error)
 
     def locate(self, segment: Segment, offset: int) -> tuple[int, int, int] | None:
         """``(entry, position, offset)`` of the first record at or after ``offset``.
@@ -382,18 +396,13 @@ class FileCommitLog:
         i = max(bisect.bisect_right(self._bases, offset) - 1, 0)
         segment = self.segments[i]
         if not segment.active:
-            self._touch(segment)
+            self.touch(segment)
         return segment
 
-    def _touch(self, segment: Segment) -> None:
-        """Keep at most ``open_segment_handles_max`` sealed segments open (LRU)."""
-        cache = self._open_sealed
-        cache[segment.base_offset] = segment
-        cache.move_to_end(segment.base_offset)
+    def touch(self, segment: Segment) -> None:
+        """Mark a sealed segment as just read (for the open-handle LRU), opening it if needed."""
         segment.open_handles()
-        while len(cache) > self.config.open_segment_handles_max:
-            _base, evicted = cache.popitem(last=False)
-            evicted.close_handles()
+        self._handles.used(segment)
 
 
 def _is_empty_segment(directory: Path, base: int) -> bool:

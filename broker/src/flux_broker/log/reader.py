@@ -90,9 +90,11 @@ class ForwardReader:
                     continue
                 self._segment = segment
                 located_entry, self._position, self._next_offset = located
+            elif not segment.active:
+                log.touch(segment)  # reading a cached sealed segment: keep the LRU honest
             try:
                 result = segment.read(self._position, self._next_offset, bound, max_bytes)
-            except CorruptRecordError:
+            except CorruptRecordError as error:
                 if (
                     located_entry >= 0
                     and not repaired
@@ -103,7 +105,7 @@ class ForwardReader:
                     self._segment = None
                     repaired = True
                     continue
-                log.stats.corrupt_records += 1
+                log.report_corruption(error)
                 raise
             if result.count == 0:
                 return None
@@ -188,7 +190,7 @@ class ReverseReader:
                 )
             following = index.find_offset(bad + 1 - segment.base_offset)
             if bad >= top_offset or following is None:
-                self._log.stats.corrupt_records += 1
+                self._log.report_corruption(failure)
                 raise failure
             low = following
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -32,7 +33,15 @@ from flux_broker.log.format import (
 )
 from flux_broker.log.index import IndexFile
 
-__all__ = ["INDEX_SUFFIX", "LOG_SUFFIX", "ReadResult", "ScanResult", "Segment", "segment_name"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "LOG_SUFFIX",
+    "HandleCache",
+    "ReadResult",
+    "ScanResult",
+    "Segment",
+    "segment_name",
+]
 
 LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
@@ -132,6 +141,37 @@ def _refill(fd: int, position: int, file_size: int, at_least: int) -> tuple[byte
     return os.pread(fd, size, position), position
 
 
+class HandleCache:
+    """Bounds how many sealed segments of one log have open file handles.
+
+    The least recently used are closed first. Every sealed segment registers here whenever its
+    handles open, however they were opened, so the bound cannot be bypassed.
+    """
+
+    def __init__(self, max_open: int) -> None:
+        """Allow at most ``max_open`` sealed segments open at once."""
+        self.max_open = max_open
+        self._open: OrderedDict[int, Segment] = OrderedDict()
+
+    def used(self, segment: Segment) -> None:
+        """Record a use of ``segment`` (opened or read); close the least recently used extras."""
+        self._open[segment.base_offset] = segment
+        self._open.move_to_end(segment.base_offset)
+        while len(self._open) > self.max_open:
+            _base, evicted = self._open.popitem(last=False)
+            evicted.close_handles()
+
+    def closed(self, segment: Segment) -> None:
+        """Forget ``segment`` (its handles were closed)."""
+        if self._open.get(segment.base_offset) is segment:
+            del self._open[segment.base_offset]
+
+    @property
+    def open_count(self) -> int:
+        """Sealed segments with open handles."""
+        return len(self._open)
+
+
 class Segment:
     """A segment's files and what the log keeps in memory about them.
 
@@ -172,6 +212,7 @@ class Segment:
         self.cut_bytes = 0  # set by recover(): bytes cut off a torn or corrupt tail
         self._log_fd = -1
         self._index: IndexFile | None = None
+        self.handle_cache: HandleCache | None = None
 
     # -- files ---------------------------------------------------------------------------
 
@@ -214,9 +255,13 @@ class Segment:
         flags = os.O_RDWR | os.O_APPEND if self.active else os.O_RDONLY
         self._log_fd = os.open(self.log_path, flags)
         self._index = IndexFile.open(self.index_path)
+        if self.handle_cache is not None and not self.active:
+            self.handle_cache.used(self)
 
     def close_handles(self) -> None:
         """Close the file handles; they reopen on the next use."""
+        if self.handle_cache is not None:
+            self.handle_cache.closed(self)
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
