@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import logging
 import os
@@ -24,6 +25,8 @@ from typing import Final
 
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log import checkpoint
+from flux_broker.log.cleaner import Cleaner
+from flux_broker.log.compaction import CLEANED_SUFFIX
 from flux_broker.log.config import LogConfig, SyncPolicy
 from flux_broker.log.contract import AppendResult
 from flux_broker.log.errors import BatchTooLargeError, CorruptRecordError, LogClosedError
@@ -34,6 +37,8 @@ from flux_broker.log.format import (
     check_and_stamp,
     frame,
 )
+from flux_broker.log.leader_epoch import CHECKPOINT_FILE as EPOCH_CHECKPOINT_FILE
+from flux_broker.log.leader_epoch import EpochEntry, LeaderEpochCache
 from flux_broker.log.reader import ForwardReader, ReverseReader
 from flux_broker.log.segment import (
     INDEX_SUFFIX,
@@ -49,7 +54,7 @@ __all__ = ["CLEAN_SHUTDOWN_FILE", "HW_CHECKPOINT_FILE", "FileCommitLog", "LogSta
 HW_CHECKPOINT_FILE: Final = "replication-offset-checkpoint"
 CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
 _SEGMENT_FILE: Final = re.compile(r"^(\d{20})\.(log|index)$")
-_LEFTOVER_SUFFIXES: Final = (".tmp", ".rebuild")
+_LEFTOVER_SUFFIXES: Final = (".tmp", ".rebuild", CLEANED_SUFFIX)
 
 _log = logging.getLogger(__name__)
 
@@ -98,6 +103,15 @@ class FileCommitLog:
         self._syncer = Syncer(config.sync_policy, config.sync_interval_s, self._active_fd)
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_write: asyncio.Future[None] | None = None
+        self.epochs = LeaderEpochCache(directory / EPOCH_CHECKPOINT_FILE)
+        #: Grows on every truncation, so readers notice that offsets they passed may return.
+        self.generation = 0
+        # (generation, offset) of recent truncations; older ones are folded into the floor.
+        self._truncations: collections.deque[tuple[int, int]] = collections.deque(maxlen=1024)
+        self._truncation_floor: int | None = None
+        #: Held by truncation, retention and compaction: one maintenance operation at a time.
+        self.maintenance_lock = asyncio.Lock()
+        self._cleaner: Cleaner | None = None
         self._checkpointed_hw: int | None = None
         self._append_lock = asyncio.Lock()
 
@@ -114,20 +128,26 @@ class FileCommitLog:
         when the directory itself cannot be used.
         """
         config = config or LogConfig()
-        segments, hw, stats = await asyncio.to_thread(_recover, directory)
+        segments, hw, stats, epochs = await asyncio.to_thread(_recover, directory)
         log = cls(directory, config, clock or SystemClock(), segments)
         log.stats = stats
+        log.epochs = epochs
+        log._leader_epoch = max(epochs.latest_epoch, 0)
         log._high_watermark = hw
         log._checkpointed_hw = hw
         log._syncer.start()
         log._checkpointer = asyncio.create_task(log._checkpoint_loop(), name="log-hw-checkpoint")
+        log._cleaner = Cleaner(log)
+        log._cleaner.start()
         return log
 
     async def close(self) -> None:
         """Sync, checkpoint the HW, mark a clean shutdown and release every file (idempotent)."""
         if self.closed:
             return
-        async with self._append_lock:  # let an append in progress finish
+        if self._cleaner is not None:
+            await self._cleaner.stop()
+        async with self.maintenance_lock, self._append_lock:  # let work in progress finish
             self.closed = True
         self.wake_readers()
         if self._checkpointer is not None:
@@ -273,6 +293,8 @@ class FileCommitLog:
             self._roll()
         last_offset = at.base_offset + count - 1
         self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
+        if at.leader_epoch > self.epochs.latest_epoch:
+            self.epochs.assign(at.leader_epoch, at.base_offset)
         self._last_timestamp_ns = at.timestamp_ns
         self._syncer.note_write()
         self._uncommitted_event.set()
@@ -286,14 +308,122 @@ class FileCommitLog:
             # Its data must not wait for a sync of the new file; its index is sealed for good.
             os.fdatasync(old.log_fd())
             os.fsync(old.index.fileno())
-        new = Segment.create(self.directory, old.next_offset)
-        new.handle_cache = self._handles
+        new = self._new_segment(old.next_offset)
         checkpoint.fsync_dir(self.directory)
         old.seal()
         self.segments.append(new)
         self._bases.append(new.base_offset)
         self.stats.rolls += 1
         _log.debug("%s: rolled to segment %d", self.directory, new.base_offset)
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def truncate(self, offset: int) -> None:
+        """Remove every record with an offset ``>= offset`` (a follower's truncation).
+
+        Whole later segments are deleted (newest first, so a crash leaves a prefix of the
+        log), then the segment holding ``offset`` is cut in place. The HW moves back to at most
+        ``offset - 1`` and epochs starting at or after ``offset`` are forgotten. Readers past
+        the new end wait there for the records that will take those offsets again.
+
+        Raises:
+            ValueError: ``offset`` is negative.
+        """
+        if offset < 0:
+            raise ValueError(f"cannot truncate to a negative offset ({offset})")
+        async with self.maintenance_lock, self._append_lock:
+            self._check_open()
+            if offset > self.newest_offset:
+                return
+            if offset <= self.oldest_offset:
+                doomed, self.segments = self.segments, []
+            else:
+                split = bisect.bisect_right(self._bases, offset - 1)
+                doomed, self.segments = self.segments[split:], self.segments[:split]
+            for segment in reversed(doomed):
+                segment.delete_files()
+            if self.segments:
+                last = self.segments[-1]
+                if not last.active:  # it becomes the active segment: reopen it writable
+                    last.close_handles()
+                    last.active = True
+                    last.open_handles()
+                last.truncate_to(offset)
+            else:
+                self.segments = [self._new_segment(offset)]
+            checkpoint.fsync_dir(self.directory)
+            self._bases = [segment.base_offset for segment in self.segments]
+            if self._high_watermark >= offset:
+                self._high_watermark = offset - 1
+                self.checkpoint_high_watermark()
+            self.epochs.clear_latest(offset)
+            self.generation += 1
+            if len(self._truncations) == self._truncations.maxlen:
+                _gen, folded = self._truncations[0]
+                floor = self._truncation_floor
+                self._truncation_floor = folded if floor is None else min(floor, folded)
+            self._truncations.append((self.generation, offset))
+            self._syncer.mark_durable()  # everything left was synced by the cut
+            _log.info("%s: truncated to offset %d", self.directory, offset)
+        self.wake_readers()
+
+    def truncated_since(self, generation: int) -> int | None:
+        """The lowest offset truncated away after ``generation``, or ``None``."""
+        lowest = [offset for gen, offset in self._truncations if gen > generation]
+        folded_away = bool(self._truncations) and generation < self._truncations[0][0] - 1
+        if folded_away and self._truncation_floor is not None:
+            lowest.append(self._truncation_floor)
+        return min(lowest, default=None)
+
+    def _new_segment(self, base_offset: int) -> Segment:
+        segment = Segment.create(self.directory, base_offset)
+        segment.handle_cache = self._handles
+        return segment
+
+    def delete_oldest(self, count: int) -> None:
+        """Delete the ``count`` oldest segments (retention); never the active one.
+
+        Readers inside a deleted segment move on to the new oldest offset.
+        """
+        count = min(count, len(self.segments) - 1)
+        if count <= 0:
+            return
+        doomed, self.segments = self.segments[:count], self.segments[count:]
+        self._bases = self._bases[count:]
+        for segment in doomed:
+            segment.delete_files()
+        checkpoint.fsync_dir(self.directory)
+        self.epochs.clear_earliest(self.oldest_offset)
+        _log.info(
+            "%s: retention deleted %d segment(s); oldest offset is now %d",
+            self.directory,
+            count,
+            self.oldest_offset,
+        )
+
+    def replace_segment(self, old: Segment, cleaned_log: Path, cleaned_index: Path) -> None:
+        """Swap a compacted copy in for the sealed segment ``old`` (log first, then index).
+
+        An empty copy removes the segment. Readers of ``old`` notice (``holds``) and
+        reposition by offset in its replacement.
+        """
+        assert not old.active
+        assert self.holds(old)
+        i = self.segments.index(old)
+        old.close_handles()
+        if cleaned_log.stat().st_size == 0:
+            cleaned_log.unlink()
+            cleaned_index.unlink()
+            old.delete_files()
+            del self.segments[i]
+            del self._bases[i]
+        else:
+            cleaned_log.replace(old.log_path)
+            cleaned_index.replace(old.index_path)
+            new = Segment.recover(self.directory, old.base_offset, active=False, trust=True)
+            new.handle_cache = self._handles
+            self.segments[i] = new
+        checkpoint.fsync_dir(self.directory)
 
     def _active_fd(self) -> int:
         return self.segments[-1].log_fd()
@@ -414,7 +544,22 @@ def _drop_segment_files(directory: Path, base: int) -> None:
         (directory / (segment_name(base) + suffix)).unlink(missing_ok=True)
 
 
-def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
+def _recover_epochs(directory: Path, segments: list[Segment]) -> LeaderEpochCache:
+    """Load the epoch cache, rebuilding it from the records' epochs if the file is bad."""
+    epochs, valid = LeaderEpochCache.load(directory / EPOCH_CHECKPOINT_FILE)
+    if not valid and any(segment.records for segment in segments):
+        starts: list[EpochEntry] = []
+        for segment in segments:
+            for epoch, offset in segment.epoch_starts():
+                if not starts or epoch > starts[-1].epoch:
+                    starts.append(EpochEntry(epoch, offset))
+        epochs.replace(starts)
+    epochs.clear_latest(segments[-1].next_offset)
+    epochs.clear_earliest(segments[0].base_offset)
+    return epochs
+
+
+def _recover(directory: Path) -> tuple[list[Segment], int, LogStats, LeaderEpochCache]:
     """Open every segment of ``directory`` (blocking), repairing crash damage."""
     stats = LogStats()
     directory.mkdir(parents=True, exist_ok=True)
@@ -463,5 +608,6 @@ def _recover(directory: Path) -> tuple[list[Segment], int, LogStats]:
         checkpoint.write_int(directory / HW_CHECKPOINT_FILE, hw)
     if clean:
         marker.unlink()
+    epochs = _recover_epochs(directory, segments)
     checkpoint.fsync_dir(directory)
-    return segments, hw, stats
+    return segments, hw, stats, epochs

@@ -292,7 +292,12 @@ def check_and_stamp(data: bytearray, at: Placement, max_record_bytes: int) -> by
             )
             end = position + HEADER_BYTES + body_size
             # Fast path: a null key (-1) and no headers, the shape most producers send.
-            if key_length == NULL_LENGTH and magic == MAGIC and end <= total:
+            if (
+                key_length == NULL_LENGTH
+                and magic == MAGIC
+                and body_size >= MIN_BODY_BYTES
+                and end <= total
+            ):
                 value_at = position + prefix_bytes
                 (value_length,) = unpack_length(data, value_at)
                 count_at = value_at + LENGTH_BYTES + max(value_length, 0)

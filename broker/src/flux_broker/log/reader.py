@@ -31,6 +31,7 @@ class ForwardReader:
         self._segment: Segment | None = None
         self._position = 0
         self._closed = False
+        self._generation = log.generation
 
     @property
     def next_offset(self) -> int:
@@ -63,6 +64,13 @@ class ForwardReader:
         """Return the next batch if a record is readable now, else ``None``."""
         self._check_open()
         log = self._log
+        if self._generation != log.generation:
+            # The log was truncated: offsets from the cut on were (or will be) written again.
+            cut = log.truncated_since(self._generation)
+            self._generation = log.generation
+            self._segment = None
+            if cut is not None:
+                self._next_offset = min(self._next_offset, cut)
         bound = log.high_watermark if self._committed else log.newest_offset
         repaired = False
         # A bounded walk: each pass returns, or moves to a later segment, or repairs an index

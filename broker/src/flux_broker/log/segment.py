@@ -208,6 +208,7 @@ class Segment:
         self.active = False
         # Bytes from the start of the log that this process framed, checked or scanned.
         self.verified_bytes = 0
+        self.records = 0  # record count, kept in memory (retention counts without I/O)
         self.rebuilt_index = False  # set by recover(): the index was rebuilt from the log
         self.cut_bytes = 0  # set by recover(): bytes cut off a torn or corrupt tail
         self._log_fd = -1
@@ -225,11 +226,6 @@ class Segment:
     def index_path(self) -> Path:
         """The ``.index`` file."""
         return self.directory / (segment_name(self.base_offset) + INDEX_SUFFIX)
-
-    @property
-    def record_count(self) -> int:
-        """Records in the segment."""
-        return self.index.count
 
     @property
     def is_open(self) -> bool:
@@ -312,7 +308,8 @@ class Segment:
             file_size = os.fstat(log_fd).st_size
             if trust and segment._adopt_index(file_size):
                 return segment
-            result = scan(log_fd, base_offset, file_size)
+            # Only the active segment is never compacted, so only there must offsets be dense.
+            result = scan(log_fd, base_offset, file_size, dense=active)
             segment.rebuilt_index = True
             if result.stop_reason is not None:
                 if active:
@@ -339,6 +336,8 @@ class Segment:
         segment.next_offset = result.next_offset
         segment.size_bytes = result.end_position
         segment.verified_bytes = result.end_position
+        segment.records = result.count
+        segment.dense = result.count == result.next_offset - base_offset
         segment.first_timestamp_ns = result.first_timestamp_ns
         segment.last_timestamp_ns = result.last_timestamp_ns
         return segment
@@ -364,6 +363,8 @@ class Segment:
                 and last.timestamp_ns >= first.timestamp_ns
             )
             if consistent:
+                self.records = index.count
+                self.dense = first.relative_offset == 0 and last.relative_offset == index.count - 1
                 self.next_offset = self.base_offset + last.relative_offset + 1
                 self.size_bytes = file_size
                 self.first_timestamp_ns = first.timestamp_ns
@@ -395,10 +396,11 @@ class Segment:
             self.index.append(entries)
         except OSError as exc:
             self._cut_back(fd)
-            self.index.truncate(self.record_count)
+            self.index.truncate(self.records)
             raise LogWriteError(f"index append to {self.index_path} failed: {exc}") from exc
         if self.verified_bytes == self.size_bytes:
             self.verified_bytes += len(data)  # framed or checked before the write
+        self.records += len(entries) // INDEX_ENTRY_BYTES
         self.size_bytes += len(data)
         self.next_offset = next_offset
         if self.first_timestamp_ns is None:
@@ -411,6 +413,56 @@ class Segment:
         except OSError:
             _log.exception("%s: could not cut a failed write back", self.log_path)
 
+    def epoch_starts(self) -> list[tuple[int, int]]:
+        """``(leader epoch, offset)`` wherever the epoch changes along this segment's records.
+
+        Walks the record headers only (no checks): used to rebuild a lost epoch cache.
+        """
+        starts: list[tuple[int, int]] = []
+        fd = self.log_fd()
+        position = 0
+        while position + HEADER_BYTES <= self.size_bytes:
+            chunk = os.pread(fd, min(SCAN_CHUNK_BYTES, self.size_bytes - position), position)
+            cursor = 0
+            while cursor + HEADER_BYTES <= len(chunk):
+                offset, _ts, epoch, body_size = HEADER.unpack_from(chunk, cursor)
+                if not starts or epoch > starts[-1][0]:
+                    starts.append((epoch, offset))
+                cursor += HEADER_BYTES + body_size
+            position += cursor  # the next record's start, even if this chunk ended inside it
+        return starts
+
+    def truncate_to(self, offset: int) -> None:
+        """Remove the records at and after ``offset`` (in place: cut the log, then the index).
+
+        A crash between the two cuts leaves an index longer than its log, which recovery
+        notices and rebuilds.
+        """
+        located = self.position_of(offset)
+        if located is None:
+            return
+        entry, position, _found = located
+        fd = self.log_fd()
+        os.ftruncate(fd, position)
+        os.fsync(fd)
+        self.index.truncate(entry)
+        self.records = entry
+        self.size_bytes = position
+        self.verified_bytes = min(self.verified_bytes, position)
+        if entry:
+            last = self.index.entry(entry - 1)
+            self.next_offset = self.base_offset + last.relative_offset + 1
+            self.last_timestamp_ns = last.timestamp_ns
+        else:
+            self.next_offset = self.base_offset
+            self.first_timestamp_ns = self.last_timestamp_ns = None
+
+    def delete_files(self) -> None:
+        """Close the handles and delete both files (the caller fsyncs the directory)."""
+        self.close_handles()
+        self.log_path.unlink(missing_ok=True)
+        self.index_path.unlink(missing_ok=True)
+
     def rebuild_index(self) -> None:
         """Rebuild the index from the log (found inconsistent while reading).
 
@@ -422,6 +474,7 @@ class Segment:
         IndexFile.write_new(self.index_path, result.entries).close()
         self.open_handles()
         self.verified_bytes = max(self.verified_bytes, result.end_position)
+        self.records = result.count
         if result.stop_reason is not None:
             self.corrupt_from = result.next_offset
             _log.error(
