@@ -43,12 +43,14 @@ def test_end_offset_for_epoch(cache: LeaderEpochCache) -> None:
     cache.assign(3, 10)
     cache.assign(5, 20)
     log_end = 30
-    assert cache.end_offset_for_epoch(0, log_end) == (UNDEFINED, UNDEFINED)
+    assert cache.end_offset_for_epoch(0, log_end) == (0, 0)  # older than all: first start
     assert cache.end_offset_for_epoch(1, log_end) == (1, 10)
     assert cache.end_offset_for_epoch(2, log_end) == (1, 10)  # unknown epoch: the one below
     assert cache.end_offset_for_epoch(3, log_end) == (3, 20)
     assert cache.end_offset_for_epoch(5, log_end) == (5, 30)  # latest: the log end
-    assert cache.end_offset_for_epoch(9, log_end) == (5, 30)
+    assert cache.end_offset_for_epoch(9, log_end) == (UNDEFINED, UNDEFINED)  # newer than all
+    empty = LeaderEpochCache(cache.path.with_name("other"))
+    assert empty.end_offset_for_epoch(1, log_end) == (UNDEFINED, UNDEFINED)
     assert cache.last_offset_for_leader_epoch(3, log_end) == 20
 
 

@@ -177,6 +177,7 @@ async def test_retention_by_messages_bytes_and_age(data_dir: Path) -> None:
     log = await FileCommitLog.open(data_dir, config, clock)
     try:
         await fill(log, 30)
+        log.set_high_watermark(log.newest_offset)
         cleaner = Cleaner(log)
         await cleaner.run_once()
         kept = sum(s.records for s in log.segments)
@@ -188,12 +189,33 @@ async def test_retention_by_messages_bytes_and_age(data_dir: Path) -> None:
         await log.close()
 
 
+async def test_retention_never_deletes_uncommitted_records(data_dir: Path) -> None:
+    config = LogConfig(
+        sync_policy=SyncPolicy.NEVER,
+        segment_max_bytes=300,
+        retention_max_messages=5,
+        retention_max_age_s=0,
+    )
+    log = await FileCommitLog.open(data_dir, config)
+    try:
+        await fill(log, 40)
+        log.set_high_watermark(3)
+        await Cleaner(log).run_once()
+        assert log.oldest_offset <= 4  # records 4.. were never committed: all kept
+        log.set_high_watermark(log.newest_offset)
+        await Cleaner(log).run_once()
+        assert log.oldest_offset > 4
+    finally:
+        await log.close()
+
+
 async def test_retention_by_age_never_deletes_the_active_segment(data_dir: Path) -> None:
     clock = ManualClock()
     config = LogConfig(sync_policy=SyncPolicy.NEVER, segment_max_bytes=300, retention_max_age_s=60)
     log = await FileCommitLog.open(data_dir, config, clock)
     try:
         await fill(log, 20)
+        log.set_high_watermark(log.newest_offset)
         clock.advance(3600)
         await Cleaner(log).run_once()
         assert len(log.segments) == 1  # only the active one is left
@@ -208,6 +230,7 @@ async def test_a_reader_inside_a_deleted_segment_moves_on(data_dir: Path) -> Non
     log = await FileCommitLog.open(data_dir, config)
     try:
         await fill(log, 30)
+        log.set_high_watermark(log.newest_offset)
         reader = log.reader(0, committed=False)
         first = reader.read_nowait(60)
         assert first is not None
@@ -344,5 +367,122 @@ async def test_crash_in_the_middle_of_compaction(data_dir: Path) -> None:
         committed = {(k, v) for _o, k, v in compacted}
         newest = {k: v for _o, k, v in expected}
         assert set(newest.items()) <= committed  # the newest of each key survives
+    finally:
+        await log.close()
+
+
+# -- regressions from review ---------------------------------------------------------------
+
+COMPACTING = LogConfig(
+    sync_policy=SyncPolicy.NEVER, segment_max_bytes=300, compact_enabled=True, retention_max_age_s=0
+)
+
+
+async def compacted_log(directory: Path) -> FileCommitLog:
+    log = await FileCommitLog.open(directory, COMPACTING)
+    for i in range(30):
+        await log.append([NewRecord(b"v%d" % i, key=b"k%d" % (i % 3))])
+    log.set_high_watermark(log.newest_offset)
+    await Cleaner(log).run_once()
+    return log
+
+
+async def test_truncating_into_a_compacted_segment_keeps_offsets_unique(data_dir: Path) -> None:
+    log = await compacted_log(data_dir)
+    try:
+        sparse = next(s for s in log.segments if not s.dense)
+        cut = sparse.next_offset + 5  # inside the gap compaction left after it, or beyond
+        cut = min(cut, log.newest_offset)
+        await log.truncate(cut)
+        assert log.high_watermark <= log.newest_offset
+        appended = await log.append([NewRecord(b"new", key=b"z")])
+        assert appended.base_offset == cut
+        offsets = [o for o, _k, _v in read_all(log)]
+        assert offsets == sorted(set(offsets))
+    finally:
+        await log.close()
+
+
+async def test_a_compacted_segment_left_last_by_truncation_survives_a_crash(
+    data_dir: Path,
+) -> None:
+    log = await compacted_log(data_dir)
+    try:
+        await log.truncate(log.segments[-1].base_offset)
+        await log.append([NewRecord(b"new", key=b"z")])
+        log.set_high_watermark(log.newest_offset)
+        expected = read_all(log)
+        crashed = data_dir.parent / "crashed"
+        shutil.copytree(data_dir, crashed)
+    finally:
+        await log.close()
+    recovered = await FileCommitLog.open(crashed, COMPACTING)
+    try:
+        assert read_all(recovered) == expected
+    finally:
+        await recovered.close()
+
+
+async def test_a_committed_reverse_reader_never_passes_the_hw_after_truncation(
+    log: FileCommitLog,
+) -> None:
+    await fill(log, 20)
+    log.set_high_watermark(19)
+    reader = log.reverse_reader(committed=True)
+    await log.truncate(10)
+    await fill(log, 10)  # uncommitted records at offsets 10..19 again
+    batch = await reader.read()
+    assert batch is not None
+    assert max(r.offset for r in batch.records()) <= log.high_watermark == 9
+
+
+async def test_truncating_below_the_oldest_offset_restarts_there(data_dir: Path) -> None:
+    config = LogConfig(
+        sync_policy=SyncPolicy.NEVER,
+        segment_max_bytes=300,
+        retention_max_messages=5,
+        retention_max_age_s=0,
+    )
+    log = await FileCommitLog.open(data_dir, config)
+    await fill(log, 40)
+    log.set_high_watermark(log.newest_offset)
+    await Cleaner(log).run_once()
+    assert log.oldest_offset > 20
+    await log.truncate(20)
+    assert (log.oldest_offset, log.newest_offset) == (20, 19)
+    await log.close()
+    log = await FileCommitLog.open(data_dir, config)
+    try:
+        assert (log.oldest_offset, log.newest_offset) == (20, 19)
+        assert (await log.append([NewRecord(b"x")])).base_offset == 20
+    finally:
+        await log.close()
+
+
+async def test_compaction_makes_progress_past_the_key_limit(data_dir: Path) -> None:
+    config = LogConfig(
+        sync_policy=SyncPolicy.NEVER,
+        segment_max_bytes=300,
+        compact_enabled=True,
+        compact_max_keys=5,
+    )
+    log = await FileCommitLog.open(data_dir, config)
+    try:
+        for _round in range(6):
+            for i in range(8):
+                await log.append([NewRecord(b"v", key=b"k%d" % i)])
+        log.set_high_watermark(log.newest_offset)
+        before = len(read_all(log))
+        cleaner = Cleaner(log)
+        counts = [before]
+        for _ in range(20):  # each pass maps at most 5 keys' worth of new records
+            await cleaner.run_once()
+            counts.append(len(read_all(log)))
+        assert counts == sorted(counts, reverse=True)
+        after = read_all(log)
+        assert len(after) < before
+        sealed_end = log.segments[-1].base_offset
+        sealed_keys = [k for o, k, _v in after if o < sealed_end]
+        assert len(sealed_keys) == len(set(sealed_keys))  # fully compacted in the end
     finally:
         await log.close()

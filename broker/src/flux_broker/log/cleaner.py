@@ -37,6 +37,7 @@ class Cleaner:
         self._log = log
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
+        self._first_dirty_offset = 0  # where the next compaction pass starts mapping keys
 
     def start(self) -> None:
         """Run every ``cleaner_interval_s`` until :meth:`stop`."""
@@ -66,7 +67,10 @@ class Cleaner:
             if log.closed:
                 return None
             self.runs += 1
-            log.delete_oldest(segments_to_delete(log.segments, log.config, log.clock.now_ns()))
+            doomed = segments_to_delete(
+                log.segments, log.config, log.clock.now_ns(), log.high_watermark
+            )
+            log.delete_oldest(doomed)
             if not log.config.compact_enabled:
                 return None
             return await self._compact()
@@ -77,15 +81,22 @@ class Cleaner:
         sealed = log.segments[:-1]
         plan = CompactionPlan(
             segments=[
-                SegmentFiles(s.base_offset, s.log_path, s.size_bytes, sealed=not s.active)
+                SegmentFiles(
+                    s.base_offset, s.next_offset, s.log_path, s.size_bytes, sealed=not s.active
+                )
                 for s in log.segments
             ],
             high_watermark=log.high_watermark,
             now_ns=log.clock.now_ns(),
             tombstone_retention_ns=int(config.compact_tombstone_retention_s * 1e9),
             max_keys=config.compact_max_keys,
+            # A truncation may have cut below where the last pass stopped.
+            first_dirty_offset=max(
+                min(self._first_dirty_offset, log.newest_offset + 1), log.oldest_offset
+            ),
         )
         result = await asyncio.to_thread(compact, plan)
+        self._first_dirty_offset = result.next_dirty_offset
         by_base = {segment.base_offset: segment for segment in sealed}
         for base in result.cleaned:
             segment = by_base[base]

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class FileCommitLog:
         self._syncer = Syncer(config.sync_policy, config.sync_interval_s, self._active_fd)
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_write: asyncio.Future[None] | None = None
+        self._checkpoint_lock = threading.Lock()
         self.epochs = LeaderEpochCache(directory / EPOCH_CHECKPOINT_FILE)
         #: Grows on every truncation, so readers notice that offsets they passed may return.
         self.generation = 0
@@ -212,11 +214,17 @@ class FileCommitLog:
             self._committed_event = asyncio.Event()
 
     def checkpoint_high_watermark(self) -> None:
-        """Write the HW checkpoint now (blocking: temp file, fsync, rename)."""
-        hw = self._high_watermark
-        if hw != self._checkpointed_hw:
-            checkpoint.write_int(self.directory / HW_CHECKPOINT_FILE, hw)
-            self._checkpointed_hw = hw
+        """Write the HW checkpoint now (blocking: temp file, fsync, rename).
+
+        Thread-safe: the periodic checkpoint runs in a worker thread while truncation and
+        close write from the loop; the lock serialises them and each writes the HW current
+        when it gets the lock, so an older value can never land last.
+        """
+        with self._checkpoint_lock:
+            hw = self._high_watermark
+            if hw != self._checkpointed_hw:
+                checkpoint.write_int(self.directory / HW_CHECKPOINT_FILE, hw)
+                self._checkpointed_hw = hw
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -292,9 +300,11 @@ class FileCommitLog:
         if roll:
             self._roll()
         last_offset = at.base_offset + count - 1
-        self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
         if at.leader_epoch > self.epochs.latest_epoch:
+            # Before the write, as Kafka does: after a crash, recovery drops entries past the
+            # log's end, but could not restore one that was never written.
             self.epochs.assign(at.leader_epoch, at.base_offset)
+        self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
         self._last_timestamp_ns = at.timestamp_ns
         self._syncer.note_write()
         self._uncommitted_event.set()
@@ -335,26 +345,11 @@ class FileCommitLog:
             self._check_open()
             if offset > self.newest_offset:
                 return
-            if offset <= self.oldest_offset:
-                doomed, self.segments = self.segments, []
-            else:
-                split = bisect.bisect_right(self._bases, offset - 1)
-                doomed, self.segments = self.segments[split:], self.segments[:split]
-            for segment in reversed(doomed):
-                segment.delete_files()
-            if self.segments:
-                last = self.segments[-1]
-                if not last.active:  # it becomes the active segment: reopen it writable
-                    last.close_handles()
-                    last.active = True
-                    last.open_handles()
-                last.truncate_to(offset)
-            else:
-                self.segments = [self._new_segment(offset)]
+            self._truncate_segments(offset)
             checkpoint.fsync_dir(self.directory)
             self._bases = [segment.base_offset for segment in self.segments]
             if self._high_watermark >= offset:
-                self._high_watermark = offset - 1
+                self._high_watermark = min(offset - 1, self.newest_offset)
                 self.checkpoint_high_watermark()
             self.epochs.clear_latest(offset)
             self.generation += 1
@@ -366,6 +361,40 @@ class FileCommitLog:
             self._syncer.mark_durable()  # everything left was synced by the cut
             _log.info("%s: truncated to offset %d", self.directory, offset)
         self.wake_readers()
+
+    def _truncate_segments(self, offset: int) -> None:
+        """Cut the files so that the log ends at ``offset`` (see :meth:`truncate`).
+
+        Every intermediate state is a valid log holding a prefix of the old one (or, when
+        everything goes, the old log plus an empty first segment), so a crash at any point
+        recovers to a log that the truncation can simply be repeated on.
+        """
+        if offset < self.oldest_offset:
+            # Everything goes. The new first segment exists before anything is deleted, so a
+            # crash can never bring the log back at offset 0.
+            fresh = self._new_segment(offset)
+            checkpoint.fsync_dir(self.directory)
+            for segment in reversed(self.segments):
+                segment.delete_files()
+            self.segments = [fresh]
+            return
+        split = bisect.bisect_right(self._bases, offset - 1) if offset > 0 else 0
+        split = max(split, 1)  # the segment holding offset - 1 (or the first) stays
+        for segment in reversed(self.segments[split:]):  # newest first: a prefix remains
+            segment.delete_files()
+        del self.segments[split:]
+        last = self.segments[-1]
+        if not last.active:  # reopen it writable
+            last.close_handles()
+            last.active = True
+            last.open_handles()
+        last.truncate_to(offset)
+        if not last.dense or last.next_offset != offset:
+            # A compacted segment, or one ending before ``offset`` (compaction removed what
+            # followed it), does not prove where the log ends: start a new active segment at
+            # ``offset`` so that the end survives a restart and no offset is reused.
+            last.seal()
+            self.segments.append(self._new_segment(offset))
 
     def truncated_since(self, generation: int) -> int | None:
         """The lowest offset truncated away after ``generation``, or ``None``."""
@@ -447,7 +476,7 @@ class FileCommitLog:
         self._check_open()
         bound = self._high_watermark if committed else self.newest_offset
         start = bound if start_offset is None else min(start_offset, bound)
-        return ReverseReader(self, start)
+        return ReverseReader(self, start, committed=committed)
 
     def offset_for_timestamp(self, timestamp_ns: int) -> int:
         """Earliest offset whose timestamp is ``>= timestamp_ns``; newest + 1 if none."""

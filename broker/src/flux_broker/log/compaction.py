@@ -4,10 +4,11 @@ A pass runs in a worker thread on its own file handles, so appends and reads go 
 
 1. **Key map.** Scan the records at or below the HW, oldest first, remembering the newest
    offset of each key (by a 16-byte BLAKE2b digest, so memory does not depend on key sizes).
-   The map holds at most ``compact_max_keys`` keys; when a segment would overflow it, the scan
-   stops there and only the segments before it are compacted this pass (their records may be
-   kept although a newer one exists further on -- never the reverse), and the next pass
-   continues.
+   The map holds at most ``compact_max_keys`` keys; at the first record whose key would not
+   fit, the scan stops, and this pass only compacts records before that offset (a record may be
+   kept although a newer one exists further on -- never the reverse). Like Kafka's cleaner, a
+   pass maps only the *dirty* records (from where the previous pass stopped), so the passes
+   together cover any number of keys.
 2. **Rewrite.** Each sealed segment the map covers is copied to ``<base>.log.cleaned`` and
    ``.index.cleaned`` without the records a newer one with the same key supersedes. Kept
    records are copied byte for byte (offsets, CRCs, timestamps unchanged). Records without a key
@@ -51,6 +52,7 @@ class SegmentFiles:
     """What a compaction pass needs to know of one segment (a snapshot taken on the loop)."""
 
     base_offset: int
+    next_offset: int
     log_path: Path
     size_bytes: int
     sealed: bool
@@ -65,6 +67,7 @@ class CompactionPlan:
     now_ns: int
     tombstone_retention_ns: int
     max_keys: int
+    first_dirty_offset: int = 0
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class CompactionResult:
         bytes_reclaimed: Bytes left out.
         keys: Keys in the map.
         key_limit_reached: The map filled up and the pass stopped early.
+        next_dirty_offset: Where the next pass should start mapping keys.
     """
 
     cleaned: list[int] = field(default_factory=list)
@@ -85,6 +89,7 @@ class CompactionResult:
     bytes_reclaimed: int = 0
     keys: int = 0
     key_limit_reached: bool = False
+    next_dirty_offset: int = 0
 
 
 class _Record(NamedTuple):
@@ -136,31 +141,50 @@ def compact(plan: CompactionPlan) -> CompactionResult:
     """Run steps 1 and 2 of a pass (blocking; run it in a thread)."""
     result = CompactionResult()
     newest: dict[bytes, int] = {}
-    covered = 0  # segments whose keys are all in the map
-    for segment in plan.segments:
-        keys_before = len(newest)
-        staged: dict[bytes, int] = {}
+    mapped_until: int | None = None  # first offset whose key is not in the map (None: all)
+    # Only sealed segments are mapped: a key mapped in the active segment would not be
+    # removed from it, and once mapped it would not be again, so an older version of that key
+    # could outlive an expired tombstone.
+    sealed = [segment for segment in plan.segments if segment.sealed]
+    cleanable_end = min(
+        [plan.high_watermark + 1]
+        + [segment.base_offset for segment in plan.segments if not segment.sealed]
+    )
+    for segment in sealed:
+        if segment.next_offset <= plan.first_dirty_offset:
+            continue  # mapped by an earlier pass
         for record in _records(segment.log_path, segment.size_bytes):
-            if record.offset > plan.high_watermark:
+            if record.offset < plan.first_dirty_offset:
+                continue
+            if record.offset >= cleanable_end:
                 break
             digest = _key_digest(record.data)
-            if digest is not None:
-                staged[digest] = record.offset
-        if keys_before + len(staged.keys() - newest.keys()) > plan.max_keys:
-            result.key_limit_reached = True
+            if digest is None:
+                continue
+            if digest not in newest and len(newest) >= plan.max_keys:
+                mapped_until = record.offset
+                result.key_limit_reached = True
+                break
+            newest[digest] = record.offset
+        if mapped_until is not None:
             break
-        newest.update(staged)
-        covered += 1
     result.keys = len(newest)
-    for segment in plan.segments[:covered]:
-        if segment.sealed:
-            _rewrite(segment, newest, plan, result)
+    limit = cleanable_end if mapped_until is None else mapped_until
+    result.next_dirty_offset = max(limit, plan.first_dirty_offset)
+    for segment in plan.segments:
+        if segment.sealed and segment.base_offset < limit:
+            _rewrite(segment, newest, limit, plan, result)
     return result
 
 
 def _rewrite(
-    segment: SegmentFiles, newest: dict[bytes, int], plan: CompactionPlan, result: CompactionResult
+    segment: SegmentFiles,
+    newest: dict[bytes, int],
+    limit: int,
+    plan: CompactionPlan,
+    result: CompactionResult,
 ) -> None:
+    """Copy ``segment`` without superseded records and expired tombstones below ``limit``."""
     log_path = segment.log_path.with_name(segment.log_path.name + CLEANED_SUFFIX)
     index_path = segment.log_path.with_name(
         segment.log_path.with_suffix(".index").name + CLEANED_SUFFIX
@@ -168,10 +192,12 @@ def _rewrite(
     removed = 0
     with _Output(log_path) as log_out, _Output(index_path) as index_out:
         for record in _records(segment.log_path, segment.size_bytes):
-            digest = _key_digest(record.data) if record.offset <= plan.high_watermark else None
+            digest = _key_digest(record.data) if record.offset < limit else None
             if digest is not None and (
-                newest.get(digest, record.offset) != record.offset
+                newest.get(digest, record.offset) > record.offset  # a newer one exists
                 or (
+                    # A tombstone that no map supersedes is the newest of its key: the older
+                    # versions went when its key was mapped, so once expired it can go too.
                     record.null_value
                     and plan.now_ns - record.timestamp_ns > plan.tombstone_retention_ns
                 )

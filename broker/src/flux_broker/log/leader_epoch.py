@@ -96,25 +96,28 @@ class LeaderEpochCache:
         return True
 
     def end_offset_for_epoch(self, epoch: int, log_end_offset: int) -> tuple[int, int]:
-        """Where ``epoch`` ended, as KIP-101's OffsetsForLeaderEpoch answers it.
+        """Where ``epoch`` ended, as Kafka answers OffsetsForLeaderEpoch (KIP-101, KIP-279).
 
         Args:
             epoch: The epoch asked about (a follower's latest).
             log_end_offset: The log's newest offset + 1.
 
         Returns:
-            ``(found_epoch, end_offset)``: the largest epoch ``<= epoch`` the cache knows, and
-            the exclusive end of its records -- the next epoch's start offset, or
-            ``log_end_offset`` if it is the latest epoch. ``(UNDEFINED, UNDEFINED)`` if
-            ``epoch`` is older than every entry.
+            ``(epoch found, end offset)``, the end offset being exclusive:
+
+            - the latest epoch: ``(epoch, log_end_offset)``;
+            - an older epoch: the largest known epoch ``<= epoch`` and the start offset of the
+              first epoch after it;
+            - an epoch older than every entry: ``(epoch, first entry's start offset)``;
+            - an epoch newer than the latest, or an empty cache: ``(UNDEFINED, UNDEFINED)``.
         """
-        epochs = [entry.epoch for entry in self._entries]
-        i = bisect.bisect_right(epochs, epoch)
-        if i == 0:
+        if not self._entries or epoch > self._entries[-1].epoch or epoch < 0:
             return UNDEFINED, UNDEFINED
-        found = self._entries[i - 1].epoch
-        if i == len(self._entries):
-            return found, log_end_offset
+        if epoch == self._entries[-1].epoch:
+            return epoch, log_end_offset
+        epochs = [entry.epoch for entry in self._entries]
+        i = bisect.bisect_right(epochs, epoch)  # the first entry with a larger epoch
+        found = self._entries[i - 1].epoch if i else epoch
         return found, self._entries[i].start_offset
 
     def last_offset_for_leader_epoch(self, epoch: int, log_end_offset: int) -> int:

@@ -127,10 +127,11 @@ class ForwardReader:
 class ReverseReader:
     """Reads from an offset back to the oldest offset, newest records first."""
 
-    def __init__(self, log: FileCommitLog, start_offset: int) -> None:
+    def __init__(self, log: FileCommitLog, start_offset: int, *, committed: bool) -> None:
         """Start at ``start_offset`` (inclusive); use :meth:`FileCommitLog.reverse_reader`."""
         self._log = log
         self._next_offset = start_offset
+        self._committed = committed
         self._closed = False
 
     @property
@@ -153,6 +154,9 @@ class ReverseReader:
             raise LogClosedError("reader closed" if self._closed else "log closed")
         budget = max_bytes if max_bytes is not None else self._log.config.read_max_bytes
         log = self._log
+        # The bound is checked at every read: a truncation may have lowered it since.
+        bound = log.high_watermark if self._committed else log.newest_offset
+        self._next_offset = min(self._next_offset, bound)
         while self._next_offset >= max(log.oldest_offset, 0):
             segment = log.segment_for(self._next_offset)
             log.check_not_corrupt(segment, self._next_offset)

@@ -9,7 +9,9 @@ Whole segments only, never the active one, checked in Liftbridge's order:
    limit and every older one.
 3. **bytes** (``retention_max_bytes``): the same with segment sizes.
 
-A limit of 0 disables its check. The log deletes the union (the longest prefix).
+A limit of 0 disables its check. The log deletes the union (the longest prefix), but only
+segments entirely at or below the high watermark: records nobody could read yet (or that a
+follower still needs) are never deleted, as in Kafka.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from flux_broker.log.segment import Segment
 __all__ = ["segments_to_delete"]
 
 
-def segments_to_delete(segments: Sequence[Segment], config: LogConfig, now_ns: int) -> int:
+def segments_to_delete(
+    segments: Sequence[Segment], config: LogConfig, now_ns: int, high_watermark: int
+) -> int:
     """How many of the oldest ``segments`` retention deletes (never the last one)."""
     sealed = len(segments) - 1
+    while sealed > 0 and segments[sealed - 1].next_offset - 1 > high_watermark:
+        sealed -= 1  # segments holding uncommitted records stay
     count = 0
     if config.retention_max_age_s > 0:
         cutoff_ns = now_ns - int(config.retention_max_age_s * 1e9)

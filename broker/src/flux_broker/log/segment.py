@@ -308,8 +308,10 @@ class Segment:
             file_size = os.fstat(log_fd).st_size
             if trust and segment._adopt_index(file_size):
                 return segment
-            # Only the active segment is never compacted, so only there must offsets be dense.
-            result = scan(log_fd, base_offset, file_size, dense=active)
+            # The active segment is never compacted, so its offsets must be consecutive -- unless
+            # its index shows gaps (a crash in the middle of truncating a compacted segment).
+            dense = active and not segment._index_shows_gaps()
+            result = scan(log_fd, base_offset, file_size, dense=dense)
             segment.rebuilt_index = True
             if result.stop_reason is not None:
                 if active:
@@ -341,6 +343,20 @@ class Segment:
         segment.first_timestamp_ns = result.first_timestamp_ns
         segment.last_timestamp_ns = result.last_timestamp_ns
         return segment
+
+    def _index_shows_gaps(self) -> bool:
+        """Whether the index on disk (however damaged) skips offsets, as after compaction."""
+        try:
+            index = IndexFile.open(self.index_path)
+        except OSError:
+            return False
+        try:
+            if index.count == 0:
+                return False
+            last = index.entry(index.count - 1)
+            return index.entry(0).relative_offset != 0 or last.relative_offset >= index.count
+        finally:
+            index.close()
 
     def _adopt_index(self, file_size: int) -> bool:
         """Use the index as it is if it describes the log exactly; report whether it did."""
