@@ -1,0 +1,47 @@
+"""Cluster metadata: streams and partitions in SQLite, changed only by commands.
+
+Start with :mod:`flux_broker.metadata.contract` (the terms and the :class:`MetadataStore`
+Protocol) and :mod:`flux_broker.metadata.commands`; :class:`SqliteMetadataStore` implements the
+store, :mod:`flux_broker.metadata.schema` holds its tables and migrations.
+"""
+
+from flux_broker.metadata.commands import (
+    Command,
+    CreateStream,
+    DeleteStream,
+    PartitionAssignment,
+)
+from flux_broker.metadata.config import StreamConfig
+from flux_broker.metadata.contract import AppliedCommand, MetadataStore, Partition, Stream
+from flux_broker.metadata.errors import (
+    InvalidCommandError,
+    MetadataClosedError,
+    MetadataError,
+    MetadataStorageError,
+    StaleIndexError,
+    StreamExistsError,
+    StreamNotFoundError,
+    UnsupportedSchemaError,
+)
+from flux_broker.metadata.store import SqliteMetadataStore
+
+__all__ = [
+    "AppliedCommand",
+    "Command",
+    "CreateStream",
+    "DeleteStream",
+    "InvalidCommandError",
+    "MetadataClosedError",
+    "MetadataError",
+    "MetadataStorageError",
+    "MetadataStore",
+    "Partition",
+    "PartitionAssignment",
+    "SqliteMetadataStore",
+    "StaleIndexError",
+    "Stream",
+    "StreamConfig",
+    "StreamExistsError",
+    "StreamNotFoundError",
+    "UnsupportedSchemaError",
+]

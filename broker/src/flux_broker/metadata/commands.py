@@ -1,0 +1,160 @@
+"""Metadata commands: every change to the metadata is one of these, applied by one ``apply()``.
+
+A command carries everything its effect depends on, including what a broker would otherwise
+read from its surroundings (the creation time, the chosen leader and replicas), so applying the
+same command to the same state gives the same result on every broker. That is what lets a
+replicated log order them later (DESIGN.md §6): each broker mirrors the log into its own store
+through the same ``apply()``.
+
+:meth:`check` validates a command's shape on its own; checks against the current state (does
+the stream exist?) are the store's, inside the command's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from flux_broker.metadata.config import INT32_MAX, INT64_MAX, StreamConfig
+from flux_broker.metadata.errors import InvalidCommandError
+
+__all__ = ["Command", "CreateStream", "DeleteStream", "PartitionAssignment"]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionAssignment:
+    """The brokers of one new partition, chosen by the caller (the controller).
+
+    Attributes:
+        replicas: Broker ids holding the partition, in preference order, without duplicates.
+        leader: The broker leading it; must be in ``isr``.
+        isr: The in-sync replicas, a subset of ``replicas`` (Liftbridge starts with all of them).
+            It is a set: the store returns it in ``replicas`` order.
+    """
+
+    replicas: tuple[str, ...]
+    leader: str
+    isr: tuple[str, ...]
+
+    @classmethod
+    def single(cls, broker_id: str) -> PartitionAssignment:
+        """The assignment of a cluster of one: ``broker_id`` is replica, leader and ISR."""
+        return cls(replicas=(broker_id,), leader=broker_id, isr=(broker_id,))
+
+    def check(self, where: str, replication_factor: int) -> None:
+        """Raise :class:`InvalidCommandError` if the assignment is inconsistent.
+
+        Args:
+            where: Dotted path of this assignment in its command, for the error.
+            replication_factor: The stream's replication factor; ``replicas`` must match it.
+
+        Raises:
+            InvalidCommandError: Empty or duplicate broker ids, a replica count other than
+                ``replication_factor``, an ISR outside the replicas, or a leader outside the ISR.
+        """
+        _check_broker_ids(f"{where}.replicas", self.replicas)
+        _check_broker_ids(f"{where}.isr", self.isr)
+        if len(self.replicas) != replication_factor:
+            raise InvalidCommandError(
+                f"{where}.replicas",
+                f"{len(self.replicas)} replicas for replication factor {replication_factor}",
+            )
+        if not set(self.isr) <= set(self.replicas):
+            raise InvalidCommandError(f"{where}.isr", "must be a subset of the replicas")
+        if self.leader not in self.isr:
+            raise InvalidCommandError(f"{where}.leader", f"{self.leader!r} is not in the ISR")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateStream:
+    """Create a stream and its partitions (Liftbridge's ``CREATE_STREAM``).
+
+    The partitions' epoch and leader epoch are set to the metadata index the command is
+    applied at, as Liftbridge sets them to the Raft index, so they exceed every epoch a
+    stream of the same name had before.
+
+    Attributes:
+        name: Stream name, unique in the store (the API layer enforces DESIGN.md §7's rules;
+            internal streams such as ``__cursors`` are created through here too).
+        subject: NATS subject of partition 0; partition N uses ``<subject>.<N>``.
+        group: NATS queue group of the partitions' subscriptions ("" for none).
+        replication_factor: Replicas per partition, already resolved (0 → 1, -1 → all brokers
+            is the caller's job).
+        partitions: One assignment per partition; partition ids are the positions (0, 1, …).
+        creation_timestamp_ns: Creation time, Unix ns (``StreamMetadata.creationTimestamp``),
+            read from the clock by the caller so that applying stays deterministic.
+        config: The request's overrides of the server defaults.
+    """
+
+    name: str
+    subject: str
+    group: str = ""
+    replication_factor: int
+    partitions: tuple[PartitionAssignment, ...]
+    creation_timestamp_ns: int
+    config: StreamConfig = field(default_factory=StreamConfig)
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: An empty name or subject, a replication factor below 1, no
+                partitions, a bad assignment, a negative timestamp, or a bad config value.
+        """
+        _check_text("name", self.name)
+        _check_text("subject", self.subject)
+        if not isinstance(self.group, str):
+            raise InvalidCommandError("group", "must be a string")
+        _check_int("replication_factor", self.replication_factor, 1, INT32_MAX)
+        _check_int("partitions", len(self.partitions), 1, INT32_MAX)
+        _check_int("creation_timestamp_ns", self.creation_timestamp_ns, 0, INT64_MAX)
+        for i, assignment in enumerate(self.partitions):
+            assignment.check(f"partitions[{i}]", self.replication_factor)
+        for name, reason in self.config.problems():
+            raise InvalidCommandError(f"config.{name}", reason)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteStream:
+    """Delete a stream and its partitions (Liftbridge's ``DELETE_STREAM``).
+
+    Deleting the partitions' data on disk is the streams layer's reaction to the applied
+    command, not part of applying it.
+
+    Attributes:
+        name: The stream's name.
+    """
+
+    name: str
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the name is empty.
+
+        Raises:
+            InvalidCommandError: The name is empty or not a string.
+        """
+        _check_text("name", self.name)
+
+
+#: Every metadata command. Later commands (leader and ISR changes, pause, readonly, cursors,
+#: groups) join this union.
+Command: TypeAlias = CreateStream | DeleteStream
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidCommandError(name, "must be a non-empty string")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidCommandError(name, f"must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidCommandError(name, f"{value} is outside [{low}, {high}]")
+
+
+def _check_broker_ids(name: str, ids: tuple[str, ...]) -> None:
+    for broker_id in ids:
+        _check_text(name, broker_id)
+    if len(set(ids)) != len(ids):
+        raise InvalidCommandError(name, "has duplicate broker ids")
