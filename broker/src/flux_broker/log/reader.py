@@ -117,10 +117,9 @@ class ForwardReader:
                 raise
             if result.count == 0:
                 return None
-            first = self._next_offset
             self._position = result.next_position
             self._next_offset = result.last_offset + 1
-            return RecordBatch(result.data, first, result.last_offset, result.count)
+            return RecordBatch(result.data, result.first_offset, result.last_offset, result.count)
         return None
 
 

@@ -76,12 +76,15 @@ class ReadResult:
     Attributes:
         data: Verified framed records.
         count: How many.
+        first_offset: Offset of the first one (-1 if none); in a compacted segment it may be
+            above the offset the read asked for.
         last_offset: Offset of the last one (-1 if none).
         next_position: File position just after them.
     """
 
     data: bytes
     count: int
+    first_offset: int
     last_offset: int
     next_position: int
 
@@ -534,7 +537,7 @@ class Segment:
             return entry.position + entry.size == index.entry(i + 1).position
         return entry.position + entry.size == self.size_bytes
 
-    def read(
+    def read(  # noqa: PLR0912 -- one loop, one check per way a record can be bad
         self, position: int, expected_offset: int, max_offset: int, max_bytes: int
     ) -> ReadResult:
         """Read verified records from ``position`` up to ``max_offset`` within ``max_bytes``.
@@ -552,7 +555,7 @@ class Segment:
             raise CorruptRecordError(expected_offset, self.log_path, position, "found by recovery")
         available = self.size_bytes - position
         if available <= 0:
-            return ReadResult(b"", 0, -1, position)
+            return ReadResult(b"", 0, -1, -1, position)
         fd = self.log_fd()
         data = os.pread(fd, min(available, max(max_bytes, HEADER_BYTES)), position)
         view = memoryview(data)
@@ -561,7 +564,7 @@ class Segment:
         unpack_header = HEADER.unpack_from
         cursor = 0
         count = 0
-        last_offset = -1
+        first_offset = last_offset = -1
         while cursor + HEADER_BYTES <= len(data):
             offset, _ts, _epoch, body_size = unpack_header(data, cursor)
             end = cursor + HEADER_BYTES + body_size
@@ -582,13 +585,15 @@ class Segment:
                 raise CorruptRecordError(expected_offset, self.log_path, position, reason)
             if offset > max_offset:
                 break
+            if not count:
+                first_offset = offset
             count += 1
             last_offset = offset
             expected_offset = offset + 1
             cursor = end
         if position <= self.verified_bytes < position + cursor:
             self.verified_bytes = position + cursor
-        return ReadResult(data[:cursor], count, last_offset, position + cursor)
+        return ReadResult(data[:cursor], count, first_offset, last_offset, position + cursor)
 
     def entries_between(self, low: int, high: int) -> list[tuple[int, int, int]]:
         """``(offset, position, size)`` of index entries ``low`` to ``high`` (exclusive)."""
