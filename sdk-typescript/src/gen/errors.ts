@@ -8,10 +8,10 @@ export const REASON_METADATA_KEY = "flux-reason";
 export type GrpcCodeName = "OK" | "CANCELLED" | "UNKNOWN" | "INVALID_ARGUMENT" | "DEADLINE_EXCEEDED" | "NOT_FOUND" | "ALREADY_EXISTS" | "PERMISSION_DENIED" | "RESOURCE_EXHAUSTED" | "FAILED_PRECONDITION" | "ABORTED" | "OUT_OF_RANGE" | "UNIMPLEMENTED" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "UNAUTHENTICATED";
 
 /** Stable identifiers of the conditions in the error table. */
-export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ACK_TIMEOUT" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "INTERNAL";
+export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ACK_TIMEOUT" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "OFFSET_OUT_OF_RANGE" | "STORAGE_FAILED" | "CORRUPT_RECORD" | "INTERNAL";
 
 /** Machine-readable reasons sent in the `flux-reason` trailing metadata. */
-export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "too-large" | "encryption-failed" | "ack-timeout" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "internal";
+export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "too-large" | "encryption-failed" | "ack-timeout" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "offset-out-of-range" | "storage-failed" | "corrupt-record" | "internal";
 
 /** One row of the shared error table (see docs/reference/errors.md). */
 export interface FluxErrorEntry {
@@ -203,6 +203,33 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     liftbridgeMessage: null,
     retriable: false,
     description: "A documented limit (streams, partitions, headers, subscriptions) would be exceeded.",
+  },
+  {
+    name: "OFFSET_OUT_OF_RANGE",
+    grpcCode: "OUT_OF_RANGE",
+    grpcCodeNumber: 11,
+    reason: "offset-out-of-range",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "The offset asked for is outside the partition (below the oldest retained record or past the newest + 1); fetch the partition's offsets and ask again.",
+  },
+  {
+    name: "STORAGE_FAILED",
+    grpcCode: "UNAVAILABLE",
+    grpcCodeNumber: 14,
+    reason: "storage-failed",
+    liftbridgeMessage: null,
+    retriable: true,
+    description: "The broker could not write to its storage (for example, the disk is full); nothing was written. Retry with backoff: writes resume once space is freed.",
+  },
+  {
+    name: "CORRUPT_RECORD",
+    grpcCode: "INTERNAL",
+    grpcCodeNumber: 13,
+    reason: "corrupt-record",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "A stored record failed its checksum or length checks, so the broker stopped before it instead of serving bad data; the broker log names the segment.",
   },
   {
     name: "INTERNAL",
