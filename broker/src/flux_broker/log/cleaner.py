@@ -38,6 +38,7 @@ class Cleaner:
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
         self._first_dirty_offset = 0  # where the next compaction pass starts mapping keys
+        self._generation = log.generation  # the log's truncation count when last planned
 
     def start(self) -> None:
         """Run every ``cleaner_interval_s`` until :meth:`stop`."""
@@ -79,6 +80,12 @@ class Cleaner:
         log = self._log
         config = log.config
         sealed = log.segments[:-1]
+        if self._generation != log.generation:
+            # Records from a truncation's cut on were written anew: map them again.
+            cut = log.truncated_since(self._generation)
+            if cut is not None:
+                self._first_dirty_offset = min(self._first_dirty_offset, cut)
+            self._generation = log.generation
         plan = CompactionPlan(
             segments=[
                 SegmentFiles(

@@ -367,7 +367,9 @@ class FileCommitLog:
             last.active = True
             last.open_handles()
         last.truncate_to(offset)
-        if not last.dense or last.next_offset != offset:
+        if last.records == 0 and last.base_offset == offset:
+            last.dense = True  # emptied: it simply starts over at its own base
+        elif not last.dense or last.next_offset != offset:
             # A compacted segment, or one ending before ``offset`` (compaction removed what
             # followed it), does not prove where the log ends: start a new active segment at
             # ``offset`` so that the end survives a restart and no offset is reused.

@@ -100,10 +100,15 @@ def recover(directory: Path) -> tuple[list[Segment], int, LogStats, LeaderEpochC
         if _SEGMENT_FILE.match(path.name) and not path.with_suffix(LOG_SUFFIX).exists():
             path.unlink()  # an index without its log
     ordered = sorted(bases)
-    while len(ordered) > 1 and _is_empty_segment(directory, ordered[-1]):
-        # A crash right after a roll: the new segment never got a record. Drop it, so the
-        # segment before it is recovered as the active one (its tail may need cutting).
-        _drop_segment_files(directory, ordered.pop())
+    if len(ordered) > 1 and _is_empty_segment(directory, ordered[-1]):
+        # An empty newest segment is either a crash right after a roll, or the end marker a
+        # truncation left after a compaction gap. Only in the first case can the segment
+        # before it have a torn tail (under sync policy "never" its data was not synced before
+        # the new file was created): then drop the empty segment, so the one before it is
+        # recovered as the active segment and its tail cut. Otherwise keep the marker.
+        probe = Segment.recover(directory, ordered[-2], active=False, trust=True)
+        if probe.corrupt_from is not None:
+            _drop_segment_files(directory, ordered.pop())
     segments: list[Segment] = []
     for i, base in enumerate(ordered):
         active = i == len(ordered) - 1

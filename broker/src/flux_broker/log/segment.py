@@ -313,7 +313,7 @@ class Segment:
                 return segment
             # The active segment is never compacted, so its offsets must be consecutive -- unless
             # its index shows gaps (a crash in the middle of truncating a compacted segment).
-            dense = active and not segment._index_shows_gaps()
+            dense = active and not segment.index_shows_gaps()
             result = scan(log_fd, base_offset, file_size, dense=dense)
             segment.rebuilt_index = True
             if result.stop_reason is not None:
@@ -347,7 +347,7 @@ class Segment:
         segment.last_timestamp_ns = result.last_timestamp_ns
         return segment
 
-    def _index_shows_gaps(self) -> bool:
+    def index_shows_gaps(self) -> bool:
         """Whether the index on disk (however damaged) skips offsets, as after compaction."""
         try:
             index = IndexFile.open(self.index_path)
