@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import resource
-import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -256,29 +254,17 @@ async def test_interval_policy_syncs_in_the_background(data_dir: Path) -> None:
         await log.close()
 
 
-@pytest.fixture
-def file_size_limit() -> Iterator[None]:
-    """Make writes past a small file size fail with EFBIG, like a full disk would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-@pytest.mark.usefixtures("file_size_limit")
-async def test_a_failed_write_leaves_no_partial_record(data_dir: Path) -> None:
+async def test_a_failed_write_leaves_no_partial_record(
+    data_dir: Path, file_size_limit: Callable[[int | None], None]
+) -> None:
     log = await FileCommitLog.open(data_dir, FAST)
     try:
         await log.append([NewRecord(b"kept")])
         size = log.segments[-1].size_bytes
-        _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+        file_size_limit(size + 100)
         with pytest.raises(LogWriteError):
             await log.append([NewRecord(b"y" * 1000)])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))
+        file_size_limit(None)
         assert log.segments[-1].log_path.stat().st_size == size
         assert log.newest_offset == 0
         resumed = await log.append([NewRecord(b"after")])

@@ -7,11 +7,9 @@ uses its own subjects, so tests sharing the session's server never see each othe
 from __future__ import annotations
 
 import asyncio
-import resource
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -340,21 +338,11 @@ async def test_streams_on_one_subject_each_get_every_message_and_groups_share(
 # -- failures and stopping -----------------------------------------------------------------
 
 
-@pytest.fixture
-def file_size_limit() -> Iterator[None]:
-    """Make writes past a small file size fail with EFBIG, like a full disk would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-@pytest.mark.usefixtures("file_size_limit")
 async def test_a_failed_append_is_not_acked_and_ingest_goes_on(
-    make_partition: MakePartition, pub: Client, subject: str
+    make_partition: MakePartition,
+    pub: Client,
+    subject: str,
+    file_size_limit: Callable[[int | None], None],
 ) -> None:
     partition = await make_partition(subject)
     inbox = pub.new_inbox()
@@ -363,11 +351,10 @@ async def test_a_failed_append_is_not_acked_and_ingest_goes_on(
     assert (await next_ack(sub)).offset == 0
 
     size = partition.log.segments[-1].size_bytes
-    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+    file_size_limit(size + 100)
     await pub.publish(subject, envelope(b"x" * 1000, inbox=inbox, correlation_id="lost"))
     await wait_for(lambda: partition.stats.append_failures == 1)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))
+    file_size_limit(None)
 
     await pub.publish(subject, envelope(b"after", inbox=inbox, correlation_id="after"))
     # Acks arrive in order: the failed message's would have come first.

@@ -6,8 +6,10 @@ Registered through the ``pytest11`` entry point of ``flux-testing``.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -73,3 +75,27 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int | None], None]]:
+    """Make this process's writes past a size fail with ``EFBIG``, as a full disk would.
+
+    Call the fixture's value with a size in bytes to set the limit, or ``None`` to lift it;
+    ``SIGXFSZ`` is ignored meanwhile, and the limit and signal handler are restored after the
+    test. A real kernel limit, not a mock: every file write of the process is subject to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(max_bytes: int | None) -> None:
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE,
+            (resource.RLIM_INFINITY if max_bytes is None else max_bytes, hard),
+        )
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
