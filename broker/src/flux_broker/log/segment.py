@@ -594,13 +594,3 @@ class Segment:
         if position <= self.verified_bytes < position + cursor:
             self.verified_bytes = position + cursor
         return ReadResult(data[:cursor], count, first_offset, last_offset, position + cursor)
-
-    def entries_between(self, low: int, high: int) -> list[tuple[int, int, int]]:
-        """``(offset, position, size)`` of index entries ``low`` to ``high`` (exclusive)."""
-        data = os.pread(
-            self.index.fileno(), (high - low) * INDEX_ENTRY_BYTES, low * INDEX_ENTRY_BYTES
-        )
-        return [
-            (self.base_offset + relative, position, size)
-            for relative, _ts, position, size in INDEX_ENTRY.iter_unpack(data)
-        ]
