@@ -1,4 +1,4 @@
-"""The flux-broker command: --help explains the flags and the placeholder says what it is."""
+"""The flux-broker command line: --help explains every flag; usage and config errors are clear."""
 
 from __future__ import annotations
 
@@ -11,34 +11,64 @@ import pytest
 import flux_broker
 from flux_broker import cli
 
+FLAGS = (
+    "--config",
+    "--server-id",
+    "--namespace",
+    "--data-dir",
+    "--host",
+    "--port",
+    "--listen",
+    "--nats-servers",
+    "--embedded-nats",
+    "--embedded-nats-port",
+    "--level",
+    "--ready-file",
+    "--version",
+)
+
 
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data-dir", "--host", "--port", "--version"):
-        assert flag in text
+    for flag in FLAGS:
+        assert flag in text, flag
     assert "Liftbridge" in text
+    assert "SIGTERM" in text
 
 
-def test_placeholder_says_so_and_names_the_address(
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+        (["--embedded-nats-port", "-1"], "--embedded-nats-port must be between 0 and 65535"),
+        (
+            ["--embedded-nats", "--nats-servers", "nats://127.0.0.1:4222"],
+            "--embedded-nats and --nats-servers cannot be combined",
+        ),
+        (["--level", "loud"], "invalid choice: 'loud'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_configuration_errors_exit_1_naming_the_key(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    config = tmp_path / "flux.yaml"
+    config.write_text("streams.segment.max.byte: 1024\n", encoding="utf-8")
     data_dir = tmp_path / "data"
-    assert cli.main(["--data-dir", str(data_dir), "--host", "127.0.0.1"]) == 0
-    out = capsys.readouterr().out
-    assert "placeholder" in out
-    assert "127.0.0.1:9292" in out
-    assert str(data_dir) in out
-    assert not data_dir.exists()  # a placeholder must not create state
-
-
-def test_bad_port_is_a_clear_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--port", "70000"])
-    assert exit_info.value.code == 2
-    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    assert cli.main(["--config", str(config), "--data-dir", str(data_dir)]) == 1
+    assert "unknown configuration key 'streams.segment.max.byte'" in capsys.readouterr().err
+    assert not data_dir.exists()  # a broker that cannot start creates nothing
 
 
 @pytest.mark.integration

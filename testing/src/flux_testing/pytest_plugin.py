@@ -9,13 +9,15 @@ import os
 import resource
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
+from flux_testing.broker import BrokerProcess, stop_all
 from flux_testing.nats_server import NatsServer
 
 # CI machines are 2 shared cores: a deadline there measures the neighbours, not our code. CI is
@@ -102,3 +104,55 @@ def file_size_limit() -> Iterator[Callable[[int | None], None]]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+class BrokerFactory(Protocol):
+    """Type of the ``broker_factory`` fixture."""
+
+    async def __call__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> BrokerProcess:
+        """Start a broker process (see :meth:`BrokerProcess.start`)."""
+        ...
+
+
+@pytest_asyncio.fixture
+async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
+    """Start real ``flux-broker`` processes for one test; all are stopped when it ends.
+
+    Call it as ``await broker_factory(data_dir=None, args=(), env=None)``; without a data
+    directory each broker gets a fresh one. Every broker runs its own embedded NATS server on
+    a free port unless ``args`` say otherwise.
+    """
+    started: list[BrokerProcess] = []
+
+    async def start(
+        data_dir: Path | None = None,
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> BrokerProcess:
+        serial = len(started)
+        broker = await BrokerProcess.start(
+            data_dir or tmp_path / f"broker-{serial}-data",
+            work_dir=tmp_path / f"broker-{serial}-run",
+            args=args,
+            env=env,
+        )
+        started.append(broker)
+        return broker
+
+    try:
+        yield start
+    finally:
+        await stop_all(started)
+
+
+@pytest_asyncio.fixture
+async def broker(broker_factory: BrokerFactory) -> BrokerProcess:
+    """A real ``flux-broker`` process with a fresh data directory and its own embedded NATS."""
+    return await broker_factory()

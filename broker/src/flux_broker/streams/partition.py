@@ -117,6 +117,9 @@ class PartitionStats:
             ack inbox).
         malformed_envelopes: Payloads starting with the envelope magic that were not valid
             PUBLISH envelopes; stored raw.
+        first_received_ns: When the first message since start arrived (Unix ns; 0 = none), for
+            ``PartitionMetadata.messagesReceivedTimestamps``.
+        latest_received_ns: When the latest message arrived (Unix ns; 0 = none).
     """
 
     received: int = 0
@@ -127,6 +130,8 @@ class PartitionStats:
     ack_failures: int = 0
     too_large: int = 0
     malformed_envelopes: int = 0
+    first_received_ns: int = 0
+    latest_received_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +326,11 @@ class Partition:
     async def _on_message(self, msg: Msg) -> None:
         """nats-py callback: stamp the reception time and queue the message."""
         received_ns = self._clock.now_ns()
-        self.stats.received += 1
+        stats = self.stats
+        stats.received += 1
+        if not stats.first_received_ns:
+            stats.first_received_ns = received_ns
+        stats.latest_received_ns = received_ns
         while self._queued_bytes >= self._queue_max_bytes:
             self._room.clear()
             await self._room.wait()

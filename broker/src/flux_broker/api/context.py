@@ -1,0 +1,43 @@
+"""What every gRPC handler needs to know about the broker it runs in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+from nats.aio.client import Client
+
+from flux_broker.clock import Clock
+from flux_broker.streams.manager import StreamManager
+
+__all__ = ["BrokerContext", "ServicerContext"]
+
+#: The servicer context grpc.aio passes to every handler.
+ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerContext:
+    """The broker as the API layer sees it.
+
+    Attributes:
+        broker_id: This broker's id (``clustering.server.id``).
+        host: The host advertised to clients in metadata (``--host``).
+        port: The gRPC port advertised to clients (``--port``, or the bound port when 0).
+        namespace: The NATS namespace (``clustering.namespace``), prefix of generated inboxes.
+        record_max_bytes: Largest message payload accepted
+            (``clustering.replication.max.bytes``).
+        streams: The stream manager.
+        nc: The broker's NATS connection.
+        clock: The broker's clock.
+    """
+
+    broker_id: str
+    host: str
+    port: int
+    namespace: str
+    record_max_bytes: int
+    streams: StreamManager
+    nc: Client
+    clock: Clock

@@ -1,0 +1,163 @@
+"""The gRPC service ``proto.API``: each method checks, then hands over to its module.
+
+One module per RPC family: :mod:`~flux_broker.api.admin` (CreateStream, DeleteStream),
+:mod:`~flux_broker.api.metadata` (FetchMetadata, FetchPartitionMetadata),
+:mod:`~flux_broker.api.publish` (Publish, PublishAsync, PublishToSubject) and
+:mod:`~flux_broker.api.subscribe` (Subscribe). Every method is wrapped by
+:func:`~flux_broker.api.status.guarded`, so whatever it raises ends the call with a status from
+the one error table. RPCs of features that do not exist yet (pause, readonly, cursors,
+consumer groups) answer UNIMPLEMENTED with reason ``unimplemented``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from flux_broker.api import admin, metadata, publish, subscribe
+from flux_broker.api.context import BrokerContext, ServicerContext
+from flux_broker.api.status import FluxStatus, guarded
+from flux_proto import api_pb2, api_pb2_grpc
+
+__all__ = ["ApiService"]
+
+
+def _unimplemented(rpc: str) -> FluxStatus:
+    return FluxStatus.from_entry("UNIMPLEMENTED", f"{rpc} is not implemented by this broker yet")
+
+
+class ApiService(api_pb2_grpc.APIServicer):
+    """``proto.API`` for one broker."""
+
+    def __init__(self, broker: BrokerContext) -> None:
+        """Serve ``broker``."""
+        self._broker = broker
+        #: Set when the broker begins to shut down: open subscriptions and PublishAsync calls
+        #: end (UNAVAILABLE), so their clients move on.
+        self.closing = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """End long-lived calls; the server stops accepting new ones separately."""
+        self.closing.set()
+
+    # -- streams ---------------------------------------------------------------------------
+
+    @guarded
+    async def CreateStream(
+        self, request: api_pb2.CreateStreamRequest, context: ServicerContext
+    ) -> api_pb2.CreateStreamResponse:
+        """See :func:`flux_broker.api.admin.create_stream`."""
+        return await admin.create_stream(self._broker, request)
+
+    @guarded
+    async def DeleteStream(
+        self, request: api_pb2.DeleteStreamRequest, context: ServicerContext
+    ) -> api_pb2.DeleteStreamResponse:
+        """See :func:`flux_broker.api.admin.delete_stream`."""
+        return await admin.delete_stream(self._broker, request)
+
+    @guarded
+    async def PauseStream(
+        self, request: api_pb2.PauseStreamRequest, context: ServicerContext
+    ) -> api_pb2.PauseStreamResponse:
+        """Not implemented yet."""
+        raise _unimplemented("PauseStream")
+
+    @guarded
+    async def SetStreamReadonly(
+        self, request: api_pb2.SetStreamReadonlyRequest, context: ServicerContext
+    ) -> api_pb2.SetStreamReadonlyResponse:
+        """Not implemented yet."""
+        raise _unimplemented("SetStreamReadonly")
+
+    # -- metadata --------------------------------------------------------------------------
+
+    @guarded
+    async def FetchMetadata(
+        self, request: api_pb2.FetchMetadataRequest, context: ServicerContext
+    ) -> api_pb2.FetchMetadataResponse:
+        """See :func:`flux_broker.api.metadata.fetch_metadata`."""
+        return await metadata.fetch_metadata(self._broker, request)
+
+    @guarded
+    async def FetchPartitionMetadata(
+        self, request: api_pb2.FetchPartitionMetadataRequest, context: ServicerContext
+    ) -> api_pb2.FetchPartitionMetadataResponse:
+        """See :func:`flux_broker.api.metadata.fetch_partition_metadata`."""
+        return await metadata.fetch_partition_metadata(self._broker, request)
+
+    # -- data path -------------------------------------------------------------------------
+
+    @guarded
+    async def Subscribe(
+        self, request: api_pb2.SubscribeRequest, context: ServicerContext
+    ) -> AsyncIterator[api_pb2.Message]:
+        """See :func:`flux_broker.api.subscribe.subscribe`."""
+        async for message in subscribe.subscribe(self._broker, request, self.closing):
+            yield message
+
+    @guarded
+    async def Publish(
+        self, request: api_pb2.PublishRequest, context: ServicerContext
+    ) -> api_pb2.PublishResponse:
+        """See :func:`flux_broker.api.publish.publish`."""
+        return await publish.publish(self._broker, request, context.time_remaining())
+
+    @guarded
+    async def PublishAsync(
+        self, request_iterator: AsyncIterator[api_pb2.PublishRequest], context: ServicerContext
+    ) -> AsyncIterator[api_pb2.PublishResponse]:
+        """See :func:`flux_broker.api.publish.publish_async`."""
+        async for response in publish.publish_async(self._broker, request_iterator, self.closing):
+            yield response
+
+    @guarded
+    async def PublishToSubject(
+        self, request: api_pb2.PublishToSubjectRequest, context: ServicerContext
+    ) -> api_pb2.PublishToSubjectResponse:
+        """See :func:`flux_broker.api.publish.publish_to_subject`."""
+        return await publish.publish_to_subject(self._broker, request, context.time_remaining())
+
+    # -- cursors and consumer groups (later issues) ----------------------------------------
+
+    @guarded
+    async def SetCursor(
+        self, request: api_pb2.SetCursorRequest, context: ServicerContext
+    ) -> api_pb2.SetCursorResponse:
+        """Not implemented yet."""
+        raise _unimplemented("SetCursor")
+
+    @guarded
+    async def FetchCursor(
+        self, request: api_pb2.FetchCursorRequest, context: ServicerContext
+    ) -> api_pb2.FetchCursorResponse:
+        """Not implemented yet."""
+        raise _unimplemented("FetchCursor")
+
+    @guarded
+    async def JoinConsumerGroup(
+        self, request: api_pb2.JoinConsumerGroupRequest, context: ServicerContext
+    ) -> api_pb2.JoinConsumerGroupResponse:
+        """Not implemented yet."""
+        raise _unimplemented("JoinConsumerGroup")
+
+    @guarded
+    async def LeaveConsumerGroup(
+        self, request: api_pb2.LeaveConsumerGroupRequest, context: ServicerContext
+    ) -> api_pb2.LeaveConsumerGroupResponse:
+        """Not implemented yet."""
+        raise _unimplemented("LeaveConsumerGroup")
+
+    @guarded
+    async def FetchConsumerGroupAssignments(
+        self, request: api_pb2.FetchConsumerGroupAssignmentsRequest, context: ServicerContext
+    ) -> api_pb2.FetchConsumerGroupAssignmentsResponse:
+        """Not implemented yet."""
+        raise _unimplemented("FetchConsumerGroupAssignments")
+
+    @guarded
+    async def ReportConsumerGroupCoordinator(
+        self, request: api_pb2.ReportConsumerGroupCoordinatorRequest, context: ServicerContext
+    ) -> api_pb2.ReportConsumerGroupCoordinatorResponse:
+        """Not implemented yet."""
+        raise _unimplemented("ReportConsumerGroupCoordinator")

@@ -1,0 +1,407 @@
+"""The broker process: NATS, metadata, streams and the gRPC API, started and stopped in order.
+
+Start-up (:meth:`Broker.start`)::
+
+    data dir ─▶ broker id ─▶ NATS (embedded child or --nats-servers) ─▶ metadata.db
+             ─▶ recover every stream and partition ─▶ gRPC API + health SERVING ─▶ ready
+
+Shutdown (:meth:`Broker.stop`, on SIGTERM or SIGINT), the reverse::
+
+    health NOT_SERVING, stop accepting RPCs, end subscriptions (UNAVAILABLE, so clients
+    resubscribe elsewhere) ─▶ in-flight RPCs finish within the grace period ─▶ leaders drain
+    NATS and finish their appends and acks ─▶ logs closed ─▶ NATS closed ─▶ metadata closed
+
+**Broker id.** ``clustering.server.id`` names the broker in metadata (leader, replicas, ISR).
+When it is not configured, the broker generates one on the first start and keeps it in
+``<data.dir>/broker-id``, so a restart serves the partitions it leads under the same id. A
+configured id that differs from the stored one stops start-up: the data directory belongs to
+another broker, and serving it under a new id would orphan every partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+import nats
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from nats.aio.client import Client
+from nats.nuid import NUID
+
+from flux_broker import __version__
+from flux_broker.api.context import BrokerContext
+from flux_broker.api.service import ApiService
+from flux_broker.clock import Clock, SystemClock
+from flux_broker.config import Config
+from flux_broker.metadata import SqliteMetadataStore
+from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
+from flux_broker.streams.manager import StreamManager
+from flux_proto import api_pb2, api_pb2_grpc
+
+__all__ = [
+    "BROKER_ID_FILE",
+    "METADATA_FILE",
+    "SHUTDOWN_GRACE_S",
+    "Broker",
+    "BrokerSettings",
+    "StartupError",
+    "serve",
+]
+
+_logger = logging.getLogger("flux_broker")
+
+#: File in the data directory holding a generated broker id.
+BROKER_ID_FILE: Final = "broker-id"
+#: The metadata database in the data directory.
+METADATA_FILE: Final = "metadata.db"
+#: How long in-flight RPCs (a Publish waiting for its ack) may take once shutdown begins.
+SHUTDOWN_GRACE_S: Final = 5.0
+#: gRPC messages the broker accepts at least; more when records may be larger.
+GRPC_RECEIVE_MIN_BYTES: Final = 4 * 1024 * 1024
+#: Room for a request's other fields beside its largest record.
+_GRPC_ENVELOPE_BYTES: Final = 64 * 1024
+#: Bound on connecting to NATS at start-up.
+NATS_CONNECT_TIMEOUT_S: Final = 10.0
+_API_SERVICE: Final = api_pb2.DESCRIPTOR.services_by_name["API"].full_name
+
+
+class StartupError(Exception):
+    """The broker cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerSettings:
+    """Everything the broker process needs, resolved from the config and the flags.
+
+    Attributes:
+        config: The merged configuration (file, environment, flags).
+        data_dir: The data directory (absolute).
+        embedded_nats: Run the embedded NATS server instead of connecting to ``nats.servers``.
+        embedded_nats_port: Its client port (0 = any free port).
+        ready_file: Where to write a JSON description of the running broker, or ``None``.
+    """
+
+    config: Config
+    data_dir: Path
+    embedded_nats: bool
+    embedded_nats_port: int
+    ready_file: Path | None = None
+
+
+class Broker:
+    """One broker process. Use :meth:`start`, then :meth:`stop` (or :meth:`run`)."""
+
+    def __init__(self, settings: BrokerSettings, clock: Clock | None = None) -> None:
+        """Describe the broker; nothing starts until :meth:`start`."""
+        self.settings = settings
+        self._config = settings.config
+        self._clock: Clock = clock or SystemClock()
+        self._embedded: EmbeddedNats | None = None
+        self._nc: Client | None = None
+        self._store: SqliteMetadataStore | None = None
+        self._streams: StreamManager | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._api: ApiService | None = None
+        self.broker_id = ""
+        self.grpc_address = ""
+        self.nats_url = ""
+        self.advertised = ("", 0)
+        self._stopped = asyncio.Event()
+        #: Set when the broker stops because a component failed (exit status 1).
+        self.failed = False
+
+    # -- start-up ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every component; on failure, stop what started and raise.
+
+        Raises:
+            StartupError: A component could not start; the message says which and why.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        data_dir = self.settings.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StartupError(f"cannot create the data directory {data_dir}: {error}") from None
+        self.broker_id = _broker_id(data_dir, self._config.string("clustering.server.id"))
+        await self._start_nats()
+        try:
+            self._store = await SqliteMetadataStore.open(data_dir / METADATA_FILE)
+        except Exception as error:
+            raise StartupError(f"cannot open the metadata database: {error}") from error
+        assert self._nc is not None
+        self._streams = StreamManager(
+            data_dir=data_dir,
+            store=self._store,
+            nc=self._nc,
+            broker_id=self.broker_id,
+            namespace=self._config.string("clustering.namespace"),
+            log_config=self._config.log_config(),
+            batch_max_messages=self._config.integer("batch.max.messages"),
+            clock=self._clock,
+        )
+        recovered = await self._streams.recover()
+        _logger.info(
+            "recovered %d partition(s) of %d stream(s)",
+            recovered,
+            len(list(self._streams.streams())),
+        )
+        await self._start_grpc()
+        for service in ("", _API_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._write_ready_file()
+
+    async def _start_nats(self) -> None:
+        config = self._config
+        if self.settings.embedded_nats:
+            self._embedded = await EmbeddedNats.start(
+                port=self.settings.embedded_nats_port,
+                data_dir=self.settings.data_dir,
+                log=logging.getLogger("flux_broker.nats.embedded"),
+            )
+            self._embedded.done.add_done_callback(self._on_embedded_exit)
+            servers = [self._embedded.url]
+        else:
+            servers = config.strings("nats.servers")
+        options: dict[str, object] = {
+            "servers": servers,
+            "name": f"flux-broker {self.broker_id}",
+            "connect_timeout": 2,
+            "max_reconnect_attempts": -1,
+            "error_cb": _on_nats_error,
+            "disconnected_cb": _on_nats_disconnected,
+            "reconnected_cb": _on_nats_reconnected,
+        }
+        if config.string("nats.user"):
+            options["user"] = config.string("nats.user")
+            options["password"] = config.string("nats.password")
+        tls = _nats_tls(config)
+        if tls is not None:
+            options["tls"] = tls
+        try:
+            async with asyncio.timeout(NATS_CONNECT_TIMEOUT_S):
+                self._nc = await nats.connect(allow_reconnect=True, **options)  # type: ignore[arg-type]
+        except (TimeoutError, OSError, nats.errors.Error) as error:
+            reason = str(error) or type(error).__name__
+            where = ", ".join(servers)
+            raise StartupError(f"cannot connect to NATS at {where}: {reason}") from None
+        self.nats_url = self._nc.connected_url.geturl() if self._nc.connected_url else servers[0]
+
+    def _on_embedded_exit(self, done: asyncio.Future[int]) -> None:
+        if not self._stopped.is_set() and self._streams is not None:
+            _logger.error("the embedded NATS server exited; shutting the broker down")
+            self.failed = True
+            self.request_stop()
+
+    async def _start_grpc(self) -> None:
+        config = self._config
+        assert self._streams is not None
+        assert self._nc is not None
+        host = config.string("host")
+        port = config.integer("port")
+        listen = config.string("listen") or f"{host}:{port}"
+        receive_bytes = max(
+            GRPC_RECEIVE_MIN_BYTES,
+            config.integer("clustering.replication.max.bytes") + _GRPC_ENVELOPE_BYTES,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", receive_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._server = server
+        try:
+            bound = server.add_insecure_port(listen)
+        except RuntimeError as error:
+            raise StartupError(f"cannot listen on {listen}: {error}") from None
+        if bound == 0:
+            raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
+        advertised_port = port or bound
+        self.grpc_address = f"{listen.rsplit(':', 1)[0]}:{bound}"
+        self.advertised = (host, advertised_port)
+        broker = BrokerContext(
+            broker_id=self.broker_id,
+            host=host,
+            port=advertised_port,
+            namespace=config.string("clustering.namespace"),
+            record_max_bytes=config.integer("clustering.replication.max.bytes"),
+            streams=self._streams,
+            nc=self._nc,
+            clock=self._clock,
+        )
+        self._api = ApiService(broker)
+        api_pb2_grpc.add_APIServicer_to_server(self._api, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        await server.start()
+
+    def _write_ready_file(self) -> None:
+        path = self.settings.ready_file
+        if path is None:
+            return
+        info = {
+            "pid": os.getpid(),
+            "broker_id": self.broker_id,
+            "grpc": self.grpc_address,
+            "advertised": f"{self.advertised[0]}:{self.advertised[1]}",
+            "nats": self.nats_url,
+            "data_dir": str(self.settings.data_dir),
+        }
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        temporary.replace(path)
+
+    def describe(self) -> str:
+        """The start-up summary printed once the broker serves."""
+        config = self._config
+        nats_kind = "embedded" if self.settings.embedded_nats else "external"
+        return (
+            f"flux-broker {__version__} ready\n"
+            f"  broker id    {self.broker_id}\n"
+            f"  gRPC         {self.grpc_address} (advertised as "
+            f"{self.advertised[0]}:{self.advertised[1]})\n"
+            f"  NATS         {self.nats_url} ({nats_kind})\n"
+            f"  data dir     {self.settings.data_dir}\n"
+            f"  sync policy  {config.string('streams.sync.policy')}\n"
+        )
+
+    # -- running and stopping --------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (signal handlers call this)."""
+        self._stopped.set()
+
+    async def wait_stop_requested(self) -> None:
+        """Wait until :meth:`request_stop` is called."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Shut down in order (see the module docstring); idempotent, never raises."""
+        self._stopped.set()
+        if self._server is not None:
+            for service in ("", _API_SERVICE):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self._api is not None:
+                self._api.begin_shutdown()
+            await self._server.stop(SHUTDOWN_GRACE_S)
+            self._server = None
+        if self._streams is not None:
+            await _logged("closing the streams", self._streams.close())
+            self._streams = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+        if self._embedded is not None:
+            await _logged("stopping the embedded NATS server", self._embedded.stop())
+            self._embedded = None
+        if self._store is not None:
+            await _logged("closing the metadata database", self._store.close())
+            self._store = None
+        path = self.settings.ready_file
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+async def _logged(what: str, step: object) -> None:
+    assert asyncio.iscoroutine(step)
+    try:
+        await step
+    except Exception:
+        _logger.exception("shutdown: %s failed", what)
+
+
+def _broker_id(data_dir: Path, configured: str) -> str:
+    path = data_dir / BROKER_ID_FILE
+    try:
+        stored = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        stored = ""
+    except OSError as error:
+        raise StartupError(f"cannot read {path}: {error}") from None
+    if stored and configured and stored != configured:
+        raise StartupError(
+            f"the data directory {data_dir} belongs to broker {stored!r}, not {configured!r}: "
+            f"start with --server-id {stored} or use another --data-dir"
+        )
+    broker_id = configured or stored or NUID().next().decode()
+    if broker_id != stored:
+        temporary = path.with_name(BROKER_ID_FILE + ".tmp")
+        temporary.write_text(broker_id + "\n", encoding="utf-8")
+        temporary.replace(path)
+    return broker_id
+
+
+def _nats_tls(config: Config) -> ssl.SSLContext | None:
+    ca, cert, key = (config.string(f"nats.tls.{name}") for name in ("ca", "cert", "key"))
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise StartupError("nats.tls.cert and nats.tls.key must be set together")
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"cannot load the NATS TLS files: {error}") from None
+    return context
+
+
+async def _on_nats_error(error: Exception) -> None:
+    _logger.warning("NATS: %s", error)
+
+
+async def _on_nats_disconnected() -> None:
+    _logger.warning("NATS: disconnected; reconnecting")
+
+
+async def _on_nats_reconnected() -> None:
+    _logger.info("NATS: reconnected")
+
+
+async def serve(settings: BrokerSettings) -> int:
+    """Run a broker until SIGTERM or SIGINT, printing the start-up summary; return the exit status.
+
+    Returns:
+        0 after a graceful shutdown; 1 when start-up failed (the reason is logged) or the
+        embedded NATS server died.
+    """
+    broker = Broker(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, broker.request_stop)
+    try:
+        try:
+            await broker.start()
+        except (StartupError, EmbeddedNatsError) as error:
+            _logger.error("cannot start: %s", error)
+            return 1
+        sys.stdout.write(broker.describe())
+        sys.stdout.flush()
+        await broker.wait_stop_requested()
+        _logger.info("shutting down")
+        await broker.stop()
+        _logger.info("stopped")
+        return 1 if broker.failed else 0
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
