@@ -34,7 +34,8 @@ from typing import Final
 
 import grpc
 import nats
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # health.aio, re-exported without __all__
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client
 from nats.nuid import NUID
 
@@ -111,7 +112,7 @@ class Broker:
         self._store: SqliteMetadataStore | None = None
         self._streams: StreamManager | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health_aio.HealthServicer()
         self._api: ApiService | None = None
         self.broker_id = ""
         self.grpc_address = ""
@@ -187,7 +188,7 @@ class Broker:
             "connect_timeout": 2,
             "max_reconnect_attempts": -1,
             "error_cb": _on_nats_error,
-            "disconnected_cb": _on_nats_disconnected,
+            "disconnected_cb": self._on_nats_disconnected,
             "reconnected_cb": _on_nats_reconnected,
         }
         if config.string("nats.user"):
@@ -204,6 +205,10 @@ class Broker:
             where = ", ".join(servers)
             raise StartupError(f"cannot connect to NATS at {where}: {reason}") from None
         self.nats_url = self._nc.connected_url.geturl() if self._nc.connected_url else servers[0]
+
+    async def _on_nats_disconnected(self) -> None:
+        if not self._stopped.is_set():
+            _logger.warning("NATS: disconnected; reconnecting")
 
     def _on_embedded_exit(self, done: asyncio.Future[int]) -> None:
         if not self._stopped.is_set() and self._streams is not None:
@@ -250,7 +255,8 @@ class Broker:
         )
         self._api = ApiService(broker)
         api_pb2_grpc.add_APIServicer_to_server(self._api, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # Generated without type annotations: the one untyped call, with typed arguments.
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)  # type: ignore[no-untyped-call]
         await server.start()
 
     def _write_ready_file(self) -> None:
@@ -368,10 +374,6 @@ def _nats_tls(config: Config) -> ssl.SSLContext | None:
 
 async def _on_nats_error(error: Exception) -> None:
     _logger.warning("NATS: %s", error)
-
-
-async def _on_nats_disconnected() -> None:
-    _logger.warning("NATS: disconnected; reconnecting")
 
 
 async def _on_nats_reconnected() -> None:

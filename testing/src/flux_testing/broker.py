@@ -60,6 +60,7 @@ class BrokerProcess:
     nats_url: str = ""
     broker_id: str = ""
     pid: int = 0
+    registry: list[BrokerProcess] | None = None
     _log_path: Path = field(default=Path())
 
     @classmethod
@@ -71,6 +72,7 @@ class BrokerProcess:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         timeout_s: float = STARTUP_TIMEOUT_S,
+        registry: list[BrokerProcess] | None = None,
     ) -> BrokerProcess:
         """Start a broker on ``data_dir`` and wait until it serves.
 
@@ -81,6 +83,8 @@ class BrokerProcess:
                 after the defaults, so they override them.
             env: Extra environment variables (``FLUX_<KEY>`` overrides).
             timeout_s: How long start-up may take.
+            registry: A list the process is added to as soon as it runs (and that
+                :meth:`restart` passes on), so a fixture can stop every process it caused.
 
         Raises:
             BrokerProcessError: The broker exited or did not become ready in time.
@@ -94,8 +98,11 @@ class BrokerProcess:
             env=extra_env,
             process=process,
             pid=process.pid,
+            registry=registry,
             _log_path=log_path,
         )
+        if registry is not None:
+            registry.append(broker)
 
         def ready() -> bool:
             if process.poll() is not None:
@@ -131,6 +138,7 @@ class BrokerProcess:
             args=self.args,
             env=self.env,
             timeout_s=timeout_s,
+            registry=self.registry,
         )
 
     @property

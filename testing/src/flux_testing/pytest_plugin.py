@@ -137,14 +137,13 @@ async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         env: dict[str, str] | None = None,
     ) -> BrokerProcess:
         serial = len(started)
-        broker = await BrokerProcess.start(
+        return await BrokerProcess.start(
             data_dir or tmp_path / f"broker-{serial}-data",
             work_dir=tmp_path / f"broker-{serial}-run",
             args=args,
             env=env,
+            registry=started,
         )
-        started.append(broker)
-        return broker
 
     try:
         yield start

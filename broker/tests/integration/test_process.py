@@ -1,0 +1,126 @@
+"""The broker process: start-up summary, health, graceful shutdown, restart, configuration."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flux_proto import api_pb2, api_pb2_grpc
+from flux_testing.broker import BrokerProcess, BrokerProcessError
+from flux_testing.nats_server import NatsServer
+from flux_testing.pytest_plugin import BrokerFactory
+
+
+async def _health(broker: BrokerProcess, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(response.status)
+
+
+async def test_prints_a_summary_serves_health_and_stops_gracefully(broker: BrokerProcess) -> None:
+    output = broker.output()
+    assert "flux-broker" in output
+    assert "ready" in output
+    for expected in (broker.broker_id, broker.address, broker.nats_url, str(broker.data_dir)):
+        assert expected in output
+    assert "sync policy  always" in output
+    assert await _health(broker) == health_pb2.HealthCheckResponse.SERVING
+    assert await _health(broker, "proto.API") == health_pb2.HealthCheckResponse.SERVING
+    assert await broker.stop() == 0
+    assert "stopped" in broker.output()
+    assert "Traceback" not in broker.output()
+
+
+async def test_restart_recovers_streams_ids_and_offsets(broker: BrokerProcess) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        await api.CreateStream(
+            api_pb2.CreateStreamRequest(subject="r", name="r", partitions=2, group="g")
+        )
+    assert await broker.stop() == 0
+    again = await broker.restart()
+    assert again.broker_id == broker.broker_id
+    assert "recovered 2 partition(s) of 1 stream(s)" in again.output()
+    async with grpc.aio.insecure_channel(again.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
+    (stream,) = response.streamMetadata
+    assert (stream.name, stream.subject, sorted(stream.partitions)) == ("r", "r", [0, 1])
+    assert stream.partitions[0].leader == broker.broker_id
+
+
+async def test_configured_id_must_match_the_data_directory(
+    broker: BrokerProcess, broker_factory: BrokerFactory
+) -> None:
+    assert await broker.stop() == 0
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(broker.data_dir, args=["--server-id", "someone-else"])
+    assert f"belongs to broker '{broker.broker_id}'" in str(info.value)
+    again = await broker_factory(broker.data_dir, args=["--server-id", broker.broker_id])
+    assert again.broker_id == broker.broker_id
+
+
+async def test_liftbridge_config_file_loads_with_warnings(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "liftbridge.yaml"
+    config.write_text(
+        "clustering:\n"
+        "  server.id: lb-1\n"
+        "  raft.bootstrap.seed: true\n"
+        "streams:\n"
+        "  retention.max.age: 24h\n"
+        "  sync.policy: never\n"
+        "logging.level: debug\n",
+        encoding="utf-8",
+    )
+    broker = await broker_factory(args=["--config", str(config)])
+    assert broker.broker_id == "lb-1"
+    output = broker.output()
+    assert "clustering.raft.bootstrap.seed is not supported by Flux yet" in output
+    assert "sync policy  never" in output
+
+
+async def test_tls_in_the_config_fails_closed(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "tls.yaml"
+    config.write_text("tls:\n  cert: /etc/cert.pem\n  key: /etc/key.pem\n", encoding="utf-8")
+    data_dir = tmp_path / "data"
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(data_dir, args=["--config", str(config)])
+    assert "tls.key is set" in str(info.value) or "tls.cert is set" in str(info.value)
+    assert not data_dir.exists()
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+async def test_a_taken_embedded_nats_port_names_the_flag(
+    broker_factory: BrokerFactory, taken_port: int
+) -> None:
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(args=["--embedded-nats-port", str(taken_port)])
+    assert "--embedded-nats-port" in str(info.value)
+    assert str(taken_port) in str(info.value)
+
+
+async def test_external_nats_is_used_when_named(
+    broker_factory: BrokerFactory, nats_server: NatsServer
+) -> None:
+    broker = await broker_factory(args=["--nats-servers", nats_server.url])
+    assert broker.nats_url == nats_server.url
+    assert "(external)" in broker.output()
+    assert "embedded NATS server" not in broker.output()
+    assert await broker.stop() == 0
