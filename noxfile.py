@@ -24,6 +24,7 @@ nox.options.sessions = [
     "tests_broker",
     "tests_sdk_python",
     "tests_sdk_typescript",
+    "compat_gufo",
     "conformance",
     "docs",
     "examples",
@@ -109,6 +110,17 @@ def tests_sdk_typescript(session: nox.Session) -> None:
     session.chdir(TS_DIR)
     npm_ci(session)
     session.run("npm", "test", external=True)
+
+
+@nox.session
+def compat_gufo(session: nox.Session) -> None:
+    """The gufo-liftbridge client, unchanged, against a real broker (Liftbridge compatibility).
+
+    The tests must not import flux_proto: gufo bundles its own copy of the Liftbridge protobuf
+    code. The broker they start runs from this environment too, in its own process.
+    """
+    install(session, "compat")
+    pytest(session, "broker/compat")
 
 
 @nox.session

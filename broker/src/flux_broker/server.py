@@ -34,8 +34,7 @@ from typing import Final
 
 import grpc
 import nats
-from grpc_health.v1 import _async as health_aio  # health.aio, re-exported without __all__
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.client import Client
 from nats.nuid import NUID
 
@@ -112,7 +111,7 @@ class Broker:
         self._store: SqliteMetadataStore | None = None
         self._streams: StreamManager | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health_aio.HealthServicer()
+        self._health = health.aio.HealthServicer()
         self._api: ApiService | None = None
         self.broker_id = ""
         self.grpc_address = ""
@@ -255,8 +254,7 @@ class Broker:
         )
         self._api = ApiService(broker)
         api_pb2_grpc.add_APIServicer_to_server(self._api, server)
-        # Generated without type annotations: the one untyped call, with typed arguments.
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await server.start()
 
     def _write_ready_file(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from flux_proto import api_pb2, api_pb2_grpc
 from flux_testing.broker import BrokerProcess, BrokerProcessError
@@ -18,8 +18,13 @@ from flux_testing.pytest_plugin import BrokerFactory
 
 async def _health(broker: BrokerProcess, service: str = "") -> int:
     async with grpc.aio.insecure_channel(broker.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        # The typed stubs of grpcio-health-checking declare no methods on HealthStub.
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        response = await check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return int(response.status)
 
 
