@@ -185,7 +185,9 @@ class Broker:
             "servers": servers,
             "name": f"flux-broker {self.broker_id}",
             "connect_timeout": 2,
-            "max_reconnect_attempts": -1,
+            # Start-up tries each server twice and fails with the reason (a refused password
+            # must not hang); once connected, the broker reconnects for as long as it runs.
+            "max_reconnect_attempts": 1,
             "error_cb": _on_nats_error,
             "disconnected_cb": self._on_nats_disconnected,
             "reconnected_cb": _on_nats_reconnected,
@@ -203,6 +205,7 @@ class Broker:
             reason = str(error) or type(error).__name__
             where = ", ".join(servers)
             raise StartupError(f"cannot connect to NATS at {where}: {reason}") from None
+        self._nc.options["max_reconnect_attempts"] = -1
         self.nats_url = self._nc.connected_url.geturl() if self._nc.connected_url else servers[0]
 
     async def _on_nats_disconnected(self) -> None:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from flux_proto import api_pb2, api_pb2_grpc
 from flux_testing.broker import BrokerProcess, BrokerProcessError
 from flux_testing.nats_server import NatsServer
-from flux_testing.pytest_plugin import BrokerFactory
+from flux_testing.pytest_plugin import BrokerFactory, NatsServerFactory
 
 
 async def _health(broker: BrokerProcess, service: str = "") -> int:
@@ -129,3 +129,25 @@ async def test_external_nats_is_used_when_named(
     assert "(external)" in broker.output()
     assert "embedded NATS server" not in broker.output()
     assert await broker.stop() == 0
+
+
+async def test_nats_credentials_from_the_config_are_used(
+    broker_factory: BrokerFactory, nats_server_factory: NatsServerFactory, tmp_path: Path
+) -> None:
+    server = nats_server_factory(args=["--user", "flux", "--pass", "s3cret"])
+    config = tmp_path / "auth.yaml"
+    config.write_text(
+        f"nats:\n  servers: [{server.url}]\n  user: flux\n  password: s3cret\n", encoding="utf-8"
+    )
+    broker = await broker_factory(args=["--config", str(config)])
+    assert broker.nats_url == server.url
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        await api.CreateStream(api_pb2.CreateStreamRequest(subject="auth", name="auth"))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(
+        f"nats:\n  servers: [{server.url}]\n  user: flux\n  password: nope\n", encoding="utf-8"
+    )
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(args=["--config", str(wrong)])
+    assert "cannot connect to NATS" in str(info.value)

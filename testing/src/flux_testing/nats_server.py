@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -104,6 +105,7 @@ class NatsServer:
         jetstream: bool = False,
         work_dir: Path | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        args: Sequence[str] = (),
     ) -> NatsServer:
         """Start a server and wait until it accepts TCP connections.
 
@@ -113,6 +115,7 @@ class NatsServer:
             work_dir: Directory for the log, ports file and JetStream store; a new temporary
                 directory when ``None`` (the caller owns either way).
             startup_timeout_s: How long to wait for the server to listen.
+            args: Extra ``nats-server`` arguments (e.g. ``["--user", "u", "--pass", "p"]``).
 
         Raises:
             NatsServerError: The server exited or did not listen in time; the message quotes
@@ -122,17 +125,18 @@ class NatsServer:
         work_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = work_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
-        args = [
+        command = [
             str(nats_server_binary()),
             "--addr", "127.0.0.1",
             "--port", str(port),
             "--ports_file_dir", str(ports_dir),
+            *args,
         ]  # fmt: skip
         if jetstream:
-            args += ["--jetstream", "--store_dir", str(work_dir / "jetstream")]
+            command += ["--jetstream", "--store_dir", str(work_dir / "jetstream")]
         with (work_dir / "nats-server.log").open("ab") as log:
             process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         server = cls(process, port=0, work_dir=work_dir)
         try:

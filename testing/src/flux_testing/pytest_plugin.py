@@ -37,8 +37,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 class NatsServerFactory(Protocol):
     """Type of the ``nats_server_factory`` fixture."""
 
-    def __call__(self, *, port: int = -1, jetstream: bool = False) -> NatsServer:
-        """Start a private server (``port=-1`` picks a free port)."""
+    def __call__(
+        self, *, port: int = -1, jetstream: bool = False, args: Sequence[str] = ()
+    ) -> NatsServer:
+        """Start a private server (``port=-1`` picks a free port; ``args`` go to it)."""
         ...
 
 
@@ -56,13 +58,14 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 def nats_server_factory(tmp_path: Path) -> Iterator[NatsServerFactory]:
     """Start private nats-servers for one test; all of them are stopped when it ends.
 
-    Call it as ``nats_server_factory(port=-1, jetstream=False)`` (see :meth:`NatsServer.start`).
+    Call it as ``nats_server_factory(port=-1, jetstream=False, args=())`` (see
+    :meth:`NatsServer.start`).
     """
     started: list[NatsServer] = []
 
-    def start(*, port: int = -1, jetstream: bool = False) -> NatsServer:
+    def start(*, port: int = -1, jetstream: bool = False, args: Sequence[str] = ()) -> NatsServer:
         work_dir = tmp_path / f"nats-{len(started)}"
-        server = NatsServer.start(port=port, jetstream=jetstream, work_dir=work_dir)
+        server = NatsServer.start(port=port, jetstream=jetstream, work_dir=work_dir, args=args)
         started.append(server)
         return server
 
