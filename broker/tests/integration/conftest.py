@@ -15,4 +15,4 @@ from flux_testing.broker import BrokerProcess
 async def api(broker: BrokerProcess) -> AsyncIterator[api_pb2_grpc.APIAsyncStub]:
     """A ``proto.API`` client of the test's broker, over a real gRPC channel."""
     async with grpc.aio.insecure_channel(broker.address) as channel:
-        yield api_pb2_grpc.APIStub(channel)  # type: ignore[misc]
+        yield api_pb2_grpc.APIStub(channel)
