@@ -2,7 +2,7 @@
 
 Start-up (:meth:`Broker.start`)::
 
-    data dir ─▶ broker id ─▶ NATS (embedded child or --nats-servers) ─▶ metadata.db
+    data dir lock ─▶ broker id ─▶ NATS (embedded child or --nats-servers) ─▶ metadata.db
              ─▶ recover every stream and partition ─▶ gRPC API + health SERVING ─▶ ready
 
 Shutdown (:meth:`Broker.stop`, on SIGTERM or SIGINT), the reverse::
@@ -43,6 +43,7 @@ from flux_broker.api.context import BrokerContext
 from flux_broker.api.service import ApiService
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.config import Config
+from flux_broker.data_dir import DataDirInUseError, DataDirLock
 from flux_broker.metadata import SqliteMetadataStore
 from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
 from flux_broker.streams.manager import StreamManager
@@ -106,6 +107,7 @@ class Broker:
         self.settings = settings
         self._config = settings.config
         self._clock: Clock = clock or SystemClock()
+        self._lock: DataDirLock | None = None
         self._embedded: EmbeddedNats | None = None
         self._nc: Client | None = None
         self._store: SqliteMetadataStore | None = None
@@ -139,8 +141,11 @@ class Broker:
         data_dir = self.settings.data_dir
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = DataDirLock.acquire(data_dir)
+        except DataDirInUseError as error:
+            raise StartupError(str(error)) from None
         except OSError as error:
-            raise StartupError(f"cannot create the data directory {data_dir}: {error}") from None
+            raise StartupError(f"cannot use the data directory {data_dir}: {error}") from None
         self.broker_id = _broker_id(data_dir, self._config.string("clustering.server.id"))
         await self._start_nats()
         try:
@@ -327,6 +332,9 @@ class Broker:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 async def _logged(what: str, step: object) -> None:

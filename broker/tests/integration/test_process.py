@@ -151,3 +151,15 @@ async def test_nats_credentials_from_the_config_are_used(
     with pytest.raises(BrokerProcessError) as info:
         await broker_factory(args=["--config", str(wrong)])
     assert "cannot connect to NATS" in str(info.value)
+
+
+async def test_a_second_broker_on_the_same_data_dir_refuses_naming_the_holder(
+    broker: BrokerProcess, broker_factory: BrokerFactory
+) -> None:
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(broker.data_dir)
+    assert f"is in use by process {broker.pid}" in str(info.value)
+    assert broker.running
+    assert await broker.stop() == 0
+    again = await broker.restart()  # the lock goes with its holder
+    assert again.running
