@@ -182,8 +182,11 @@ class APIServicer:
         consumer settings; Internal if resuming the partition fails. The
         stream later ends with NotFound if the partition is deleted,
         FailedPrecondition if it is paused, ResourceExhausted when the end of a
-        readonly partition or the stop position is reached, and Internal if it
-        is closed for another reason.
+        readonly partition or the stop position is reached, Unavailable when the
+        broker shuts down or the partition moves (resubscribe from the last
+        offset + 1), and Internal for a corrupt record. STOP_TIMESTAMP ends the
+        stream before the first record stamped at or after stopTimestamp, or
+        once every record is delivered and the broker's clock has passed it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,8 +77,11 @@ class APIStub:
     consumer settings; Internal if resuming the partition fails. The
     stream later ends with NotFound if the partition is deleted,
     FailedPrecondition if it is paused, ResourceExhausted when the end of a
-    readonly partition or the stop position is reached, and Internal if it
-    is closed for another reason.
+    readonly partition or the stop position is reached, Unavailable when the
+    broker shuts down or the partition moves (resubscribe from the last
+    offset + 1), and Internal for a corrupt record. STOP_TIMESTAMP ends the
+    stream before the first record stamped at or after stopTimestamp, or
+    once every record is delivered and the broker's clock has passed it.
     """
     FetchMetadata: _grpc.UnaryUnaryMultiCallable[_api_pb2.FetchMetadataRequest, _api_pb2.FetchMetadataResponse]
     """Returns the brokers and the metadata of the requested streams and
@@ -199,8 +202,11 @@ class APIAsyncStub(APIStub):
     consumer settings; Internal if resuming the partition fails. The
     stream later ends with NotFound if the partition is deleted,
     FailedPrecondition if it is paused, ResourceExhausted when the end of a
-    readonly partition or the stop position is reached, and Internal if it
-    is closed for another reason.
+    readonly partition or the stop position is reached, Unavailable when the
+    broker shuts down or the partition moves (resubscribe from the last
+    offset + 1), and Internal for a corrupt record. STOP_TIMESTAMP ends the
+    stream before the first record stamped at or after stopTimestamp, or
+    once every record is delivered and the broker's clock has passed it.
     """
     FetchMetadata: _aio.UnaryUnaryMultiCallable[_api_pb2.FetchMetadataRequest, _api_pb2.FetchMetadataResponse]  # type: ignore[assignment]
     """Returns the brokers and the metadata of the requested streams and
@@ -348,8 +354,11 @@ class APIServicer(metaclass=_abc_1.ABCMeta):
         consumer settings; Internal if resuming the partition fails. The
         stream later ends with NotFound if the partition is deleted,
         FailedPrecondition if it is paused, ResourceExhausted when the end of a
-        readonly partition or the stop position is reached, and Internal if it
-        is closed for another reason.
+        readonly partition or the stop position is reached, Unavailable when the
+        broker shuts down or the partition moves (resubscribe from the last
+        offset + 1), and Internal for a corrupt record. STOP_TIMESTAMP ends the
+        stream before the first record stamped at or after stopTimestamp, or
+        once every record is delivered and the broker's clock has passed it.
         """
 
     @_abc_1.abstractmethod

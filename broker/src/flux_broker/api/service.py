@@ -12,6 +12,7 @@ consumer groups) answer UNIMPLEMENTED with reason ``unimplemented``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from flux_broker.api import admin, metadata, publish, subscribe
@@ -93,8 +94,10 @@ class ApiService(api_pb2_grpc.APIServicer):
         self, request: api_pb2.SubscribeRequest, context: ServicerContext
     ) -> AsyncIterator[api_pb2.Message]:
         """See :func:`flux_broker.api.subscribe.subscribe`."""
-        async for message in subscribe.subscribe(self._broker, request, self.closing):
-            yield message
+        messages = subscribe.subscribe(self._broker, request, self.closing)
+        async with contextlib.aclosing(messages):  # the reader closes when the call ends
+            async for message in messages:
+                yield message
 
     @guarded
     async def Publish(

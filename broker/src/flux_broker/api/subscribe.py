@@ -1,20 +1,330 @@
-"""Subscribe (placeholder: being written)."""
+"""Subscribe: one partition's committed records, streamed to the client in offset order.
+
+The protocol is Liftbridge's (reference ``liftbridge-api.md`` §1.4, §3) with the precedence
+rules of DESIGN.md §4::
+
+    request ─▶ validate ─▶ resolve start and stop ─▶ handshake (one empty Message)
+            ─▶ committed records from the start offset, in offset order, waiting at the end
+            ─▶ the stream ends with a status
+
+**Validation** happens before anything is sent, in Liftbridge's order: the consumer-group
+fields (``readISRReplica`` with a consumer, or a consumer without ``consumerId`` or
+``groupId``: INVALID_ARGUMENT), the partition (NOT_FOUND "No such partition"), the start and
+stop positions (values proto3 passes through but the enums do not name: INVALID_ARGUMENT),
+then consumer groups themselves (UNIMPLEMENTED until they exist). ``readISRReplica`` alone is
+accepted (this broker leads every partition it holds) and ``resume`` is a no-op (no partition
+is ever paused yet).
+
+**Start offset** (committed records only)::
+
+    NEW_ONLY   newest + 1
+    OFFSET     startOffset; negative means 0, below the oldest means the oldest; beyond
+               newest + 1 the subscription waits there and delivers only records >= it
+    EARLIEST   oldest
+    LATEST     newest (delivered); on an empty partition, newest + 1 (as NEW_ONLY)
+    TIMESTAMP  the first offset whose timestamp is >= startTimestamp (newest + 1 if none)
+
+**Stop**::
+
+    STOP_ON_CANCEL  never
+    STOP_OFFSET     after stopOffset; stopOffset below the start is INVALID_ARGUMENT
+    STOP_LATEST     after the newest offset at subscribe time; on an empty partition the
+                    call fails with STREAM_EMPTY (RESOURCE_EXHAUSTED "Stream is empty")
+    STOP_TIMESTAMP  after the last record whose timestamp is < stopTimestamp: before the first
+                    record at or after it (also one that arrives later), or, once the broker's
+                    clock has passed stopTimestamp, as soon as every written record has been
+                    delivered (every later record is stamped at or after that time)
+
+Reaching the stop ends the stream with STOP_REACHED (RESOURCE_EXHAUSTED "Stop offset
+reached"); a stop already behind the start (``NEW_ONLY`` with ``STOP_LATEST`` on a partition
+that has records) sends the handshake and ends the same way.
+
+**Other ends**: the stream's deletion (its logs close with ``LivePartition.deleted`` set) ends
+the stream with STREAM_NOT_FOUND (NOT_FOUND, which Liftbridge clients read as "stream
+deleted"); broker shutdown (``closing``) or a log closed for any other reason ends it with
+UNAVAILABLE, on which clients resubscribe from their last offset + 1. A corrupt record
+propagates as :class:`~flux_broker.log.errors.CorruptRecordError` (INTERNAL, mapped by
+:mod:`flux_broker.api.status`); records before it have been delivered. A client that cancels
+ends the generator at its ``yield``; the reader is closed in every case.
+
+Records are read in byte-bounded batches (the log's ``read_max_bytes``) and yielded one
+message at a time: grpc.aio writes each yielded message before asking for the next, so at most
+one batch per subscription is held and a slow client slows only its own subscription.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Final
 
 from flux_broker.api.context import BrokerContext
 from flux_broker.api.status import FluxStatus
+from flux_broker.clock import Clock
+from flux_broker.log.commitlog import FileCommitLog
+from flux_broker.log.contract import RecordBatch
+from flux_broker.log.errors import LogClosedError
+from flux_broker.log.format import Record
+from flux_broker.log.reader import ForwardReader
+from flux_broker.streams.delivery import record_to_message
+from flux_broker.streams.manager import LivePartition
 from flux_proto import api_pb2
 
 __all__ = ["subscribe"]
 
+_START_POSITIONS: Final = frozenset(api_pb2.StartPosition.values())
+_STOP_POSITIONS: Final = frozenset(api_pb2.StopPosition.values())
+_NS_PER_S: Final = 1_000_000_000
+#: Shortest wait for the STOP_TIMESTAMP time to pass. The wait is timed by the event loop's
+#: monotonic clock and checked against the broker's wall clock; the floor keeps a residue of a
+#: few nanoseconds between the two from turning into a busy loop.
+_STOP_TIME_WAIT_MIN_S: Final = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Where a subscription ends; both ``None`` means never (STOP_ON_CANCEL).
+
+    Attributes:
+        last_offset: The last offset to deliver (STOP_OFFSET, STOP_LATEST).
+        before_timestamp_ns: Deliver only records stamped before this (STOP_TIMESTAMP).
+    """
+
+    last_offset: int | None = None
+    before_timestamp_ns: int | None = None
+
+    def excludes(self, record: Record) -> bool:
+        """Whether ``record`` lies past the stop (the stream ends before it)."""
+        if self.last_offset is not None and record.offset > self.last_offset:
+            return True
+        return (
+            self.before_timestamp_ns is not None and record.timestamp_ns >= self.before_timestamp_ns
+        )
+
+    def reached_at(self, offset: int) -> bool:
+        """Whether nothing at or after ``offset`` may be delivered."""
+        return self.last_offset is not None and offset > self.last_offset
+
+    def reached_in_time(self, clock: Clock, caught_up: bool) -> bool:
+        """Whether STOP_TIMESTAMP is met: everything written delivered, and its time passed."""
+        return (
+            caught_up
+            and self.before_timestamp_ns is not None
+            and clock.now_ns() >= self.before_timestamp_ns
+        )
+
+    def wait_s(self, clock: Clock) -> float | None:
+        """How long to wait for records before checking :meth:`reached_in_time` again."""
+        if self.before_timestamp_ns is None:
+            return None
+        remaining_ns = self.before_timestamp_ns - clock.now_ns()
+        return max(remaining_ns / _NS_PER_S, _STOP_TIME_WAIT_MIN_S)
+
+
+def _invalid(message: str) -> FluxStatus:
+    return FluxStatus.from_entry("INVALID_ARGUMENT", message)
+
+
+def _stop_reached() -> FluxStatus:
+    return FluxStatus.from_entry("STOP_REACHED")
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _check_consumer(request: api_pb2.SubscribeRequest) -> None:
+    """Liftbridge's checks of a consumer-group subscription, before the partition lookup."""
+    if not request.HasField("consumer"):
+        return
+    if request.readISRReplica:
+        raise _invalid("readISRReplica cannot be used with a consumer-group subscription")
+    if not request.consumer.consumerId:
+        raise _invalid("consumer.consumerId is required for a consumer-group subscription")
+    if not request.consumer.groupId:
+        raise _invalid("consumer.groupId is required for a consumer-group subscription")
+
+
+def _check_positions(request: api_pb2.SubscribeRequest) -> None:
+    if request.startPosition not in _START_POSITIONS:
+        raise _invalid(f"unknown startPosition {request.startPosition}")
+    if request.stopPosition not in _STOP_POSITIONS:
+        raise _invalid(f"unknown stopPosition {request.stopPosition}")
+
+
+def _find_partition(broker: BrokerContext, request: api_pb2.SubscribeRequest) -> LivePartition:
+    _check_consumer(request)
+    partition = broker.streams.partition(request.stream, request.partition)
+    if partition is None:
+        raise FluxStatus.from_entry("PARTITION_NOT_FOUND")
+    _check_positions(request)
+    if request.HasField("consumer"):
+        raise FluxStatus.from_entry(
+            "UNIMPLEMENTED", "consumer groups are not implemented by this broker yet"
+        )
+    return partition
+
+
+# -- start and stop ------------------------------------------------------------------------
+
+
+def _start_offset(log: FileCommitLog, request: api_pb2.SubscribeRequest) -> int:
+    """The first offset to deliver (records below it are never sent)."""
+    position = request.startPosition
+    if position == api_pb2.OFFSET:
+        return max(request.startOffset, 0, log.oldest_offset)
+    if position == api_pb2.EARLIEST:
+        return log.oldest_offset
+    if position == api_pb2.LATEST:
+        # An empty partition has no newest record: start where the next one will be.
+        return max(log.newest_offset, log.oldest_offset)
+    if position == api_pb2.TIMESTAMP:
+        return log.offset_for_timestamp(request.startTimestamp)
+    assert position == api_pb2.NEW_ONLY, position
+    return log.newest_offset + 1
+
+
+def _stop(log: FileCommitLog, request: api_pb2.SubscribeRequest, start: int) -> _Stop:
+    """Where to stop, checked against ``start``.
+
+    Raises:
+        FluxStatus: INVALID_ARGUMENT for a stopOffset below the start; STREAM_EMPTY for
+            STOP_LATEST on an empty partition.
+    """
+    position = request.stopPosition
+    if position == api_pb2.STOP_OFFSET:
+        if request.stopOffset < start:
+            raise _invalid(f"stopOffset {request.stopOffset} is before the start offset {start}")
+        return _Stop(last_offset=request.stopOffset)
+    if position == api_pb2.STOP_LATEST:
+        if log.newest_offset < log.oldest_offset:
+            raise FluxStatus.from_entry("STREAM_EMPTY")
+        return _Stop(last_offset=log.newest_offset)
+    if position == api_pb2.STOP_TIMESTAMP:
+        return _Stop(before_timestamp_ns=request.stopTimestamp)
+    assert position == api_pb2.STOP_ON_CANCEL, position
+    return _Stop()
+
+
+# -- ends ----------------------------------------------------------------------------------
+
+
+def _log_closed(partition: LivePartition, closing: asyncio.Event) -> FluxStatus:
+    """The status for a partition log that closed under a subscription."""
+    if partition.deleted and not closing.is_set():
+        return FluxStatus.from_entry("STREAM_NOT_FOUND", f"stream {partition.stream!r} was deleted")
+    return _shutting_down()
+
+
+def _shutting_down() -> FluxStatus:
+    return FluxStatus.from_entry(
+        "UNAVAILABLE", "the broker is shutting down; resubscribe from the last offset + 1"
+    )
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+async def _wait_for_batch(
+    reader: ForwardReader, closing: asyncio.Event, timeout_s: float | None
+) -> RecordBatch | None:
+    """Wait for the next committed batch, racing broker shutdown and ``timeout_s``.
+
+    Returns:
+        The batch, or ``None`` when ``timeout_s`` passed first.
+
+    Raises:
+        FluxStatus: UNAVAILABLE when ``closing`` was set first.
+        LogClosedError: The log closed.
+        CorruptRecordError: The next record is corrupt.
+    """
+    read = asyncio.ensure_future(reader.read())
+    closed = asyncio.ensure_future(closing.wait())
+    try:
+        await asyncio.wait((read, closed), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        pending = [task for task in (read, closed) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    if closing.is_set():
+        if not read.cancelled():
+            read.exception()  # retrieved: a read that failed meanwhile is not logged as lost
+        raise _shutting_down()
+    return read.result() if read.done() else None
+
+
+async def _deliver(
+    partition: LivePartition,
+    reader: ForwardReader,
+    *,
+    start: int,
+    stop: _Stop,
+    closing: asyncio.Event,
+    clock: Clock,
+) -> AsyncGenerator[api_pb2.Message, None]:
+    """Yield the messages from ``start`` until ``stop``; raise the status that ends the call."""
+    log = partition.log
+    budget_bytes = log.config.read_max_bytes
+    while True:
+        if closing.is_set():
+            raise _shutting_down()
+        if stop.reached_at(max(reader.next_offset, start)):
+            raise _stop_reached()
+        batch = reader.read_nowait(budget_bytes)
+        if batch is None:
+            if stop.reached_in_time(clock, caught_up=reader.next_offset > log.newest_offset):
+                raise _stop_reached()
+            batch = await _wait_for_batch(reader, closing, stop.wait_s(clock))
+            if batch is None:
+                continue
+        for record in batch.records():
+            if record.offset < start:
+                continue
+            if stop.excludes(record):
+                raise _stop_reached()
+            yield record_to_message(record, partition.stream, partition.id, partition.subject)
+
 
 async def subscribe(
     broker: BrokerContext, request: api_pb2.SubscribeRequest, closing: asyncio.Event
-) -> AsyncIterator[api_pb2.Message]:
-    """Stream one partition's committed messages after the empty handshake message."""
-    raise FluxStatus.from_entry("UNIMPLEMENTED", "Subscribe is being written")
-    yield api_pb2.Message()  # type: ignore[unreachable]  # pragma: no cover
+) -> AsyncGenerator[api_pb2.Message, None]:
+    """Stream one partition's committed messages after the empty handshake message.
+
+    Args:
+        broker: The broker.
+        request: The client's request.
+        closing: Set when the broker shuts down; the stream then ends with UNAVAILABLE.
+
+    Yields:
+        The handshake (an empty ``Message``), then one ``Message`` per committed record.
+
+    Raises:
+        FluxStatus: The status that ends the stream: a validation error before the
+            handshake, or STOP_REACHED, STREAM_NOT_FOUND (deleted) or UNAVAILABLE after it.
+        CorruptRecordError: A stored record failed its checks.
+    """
+    partition = _find_partition(broker, request)
+    if closing.is_set():
+        raise _shutting_down()
+    log = partition.log
+    try:
+        start = _start_offset(log, request)
+        stop = _stop(log, request, start)
+        reader = log.reader(start, committed=True)
+    except LogClosedError:
+        raise _log_closed(partition, closing) from None
+    try:
+        yield api_pb2.Message()
+        messages = _deliver(
+            partition, reader, start=start, stop=stop, closing=closing, clock=broker.clock
+        )
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                yield message
+    except LogClosedError:
+        raise _log_closed(partition, closing) from None
+    finally:
+        reader.close()
