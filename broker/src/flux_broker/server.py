@@ -45,6 +45,7 @@ from flux_broker.clock import Clock, SystemClock
 from flux_broker.config import Config
 from flux_broker.data_dir import DataDirInUseError, DataDirLock
 from flux_broker.metadata import SqliteMetadataStore
+from flux_broker.nats.acks import AckRouter
 from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
 from flux_broker.streams.manager import StreamManager
 from flux_proto import api_pb2, api_pb2_grpc
@@ -258,6 +259,7 @@ class Broker:
             record_max_bytes=config.integer("clustering.replication.max.bytes"),
             streams=self._streams,
             nc=self._nc,
+            acks=AckRouter(self._nc, config.string("clustering.namespace")),
             clock=self._clock,
         )
         self._api = ApiService(broker)

@@ -268,6 +268,30 @@ async def test_too_large_gets_an_error_ack_whatever_the_policy(
     assert partition.stats.too_large == 2
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {f"h{i}": b"" for i in range(0x7FFF)},  # with subject and reply: over the i16 count
+        {"n" * 0x8000: b"v"},  # a name over the i16 length
+    ],
+    ids=["too-many-headers", "header-name-too-long"],
+)
+async def test_headers_the_format_cannot_hold_get_too_large_and_ingest_goes_on(
+    make_partition: MakePartition, pub: Client, subject: str, headers: dict[str, bytes]
+) -> None:
+    partition = await make_partition(subject, record_max_bytes=4 * MIB)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, envelope(b"x", inbox=inbox, correlation_id="bad", headers=headers))
+    await pub.publish(subject, envelope(b"next", inbox=inbox, correlation_id="ok"))
+    bad = await next_ack(sub)
+    assert (bad.correlationId, bad.ackError) == ("bad", api_pb2.Ack.Error.TOO_LARGE)
+    ok = await next_ack(sub)
+    assert (ok.correlationId, ok.ackError, ok.offset) == ("ok", api_pb2.Ack.Error.OK, 0)
+    assert [r.value for r in await stored(partition.log)] == [b"next"]
+    assert (partition.stats.too_large, partition.stats.ingest_failures) == (1, 0)
+
+
 # -- batching, subjects and groups ---------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import grpc
 from nats.aio.client import Client
 
 from flux_broker.clock import Clock
+from flux_broker.nats.acks import AckRouter
 from flux_broker.streams.manager import StreamManager
 
 __all__ = ["BrokerContext", "ServicerContext"]
@@ -30,6 +31,7 @@ class BrokerContext:
             (``clustering.replication.max.bytes``).
         streams: The stream manager.
         nc: The broker's NATS connection.
+        acks: Routes acks to the publish calls waiting for them (one subscription, on ``nc``).
         clock: The broker's clock.
     """
 
@@ -40,4 +42,5 @@ class BrokerContext:
     record_max_bytes: int
     streams: StreamManager
     nc: Client
+    acks: AckRouter
     clock: Clock

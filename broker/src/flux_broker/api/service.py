@@ -111,8 +111,10 @@ class ApiService(api_pb2_grpc.APIServicer):
         self, request_iterator: AsyncIterator[api_pb2.PublishRequest], context: ServicerContext
     ) -> AsyncIterator[api_pb2.PublishResponse]:
         """See :func:`flux_broker.api.publish.publish_async`."""
-        async for response in publish.publish_async(self._broker, request_iterator, self.closing):
-            yield response
+        responses = publish.publish_async(self._broker, request_iterator, self.closing)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
 
     @guarded
     async def PublishToSubject(

@@ -53,7 +53,13 @@ from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.contract import AppendResult
 from flux_broker.log.errors import LogError
-from flux_broker.log.format import NewRecord, record_bytes
+from flux_broker.log.format import (
+    MAX_HEADER_KEY_BYTES,
+    MAX_HEADERS,
+    Headers,
+    NewRecord,
+    record_bytes,
+)
 from flux_broker.nats.envelope import EnvelopeError, decode_message, encode_ack
 from flux_broker.nats.subjects import (
     InvalidSubjectError,
@@ -114,12 +120,15 @@ class PartitionStats:
         acks_sent: Acks published, success and error acks together.
         ack_failures: Acks that could not be published (e.g. the NATS connection closed).
         too_large: Messages rejected as too large (not stored; TOO_LARGE ack if they had an
-            ack inbox).
+            ack inbox), including messages with more headers, or longer header names, than the
+            record format holds.
         malformed_envelopes: Payloads starting with the envelope magic that were not valid
             PUBLISH envelopes; stored raw.
         first_received_ns: When the first message since start arrived (Unix ns; 0 = none), for
             ``PartitionMetadata.messagesReceivedTimestamps``.
         latest_received_ns: When the latest message arrived (Unix ns; 0 = none).
+        ingest_failures: Batches that failed for an unexpected reason (a bug; logged with its
+            traceback); their messages got no ack.
     """
 
     received: int = 0
@@ -132,6 +141,7 @@ class PartitionStats:
     malformed_envelopes: int = 0
     first_received_ns: int = 0
     latest_received_ns: int = 0
+    ingest_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +369,16 @@ class Partition:
             if first is None:
                 return
             batch, stop = self._take_batch(first)
-            await self._ingest(batch)
+            try:
+                await self._ingest(batch)
+            except Exception:
+                # A bug must cost one batch (unacked, so publishers retry), never the partition.
+                self.stats.ingest_failures += 1
+                _logger.exception(
+                    "%s: could not ingest %d messages; they are not acked",
+                    self._name(),
+                    len(batch),
+                )
             if stop:
                 return
 
@@ -422,11 +441,14 @@ class Partition:
             for name, value in message.headers.items()
             if name not in {SUBJECT_HEADER, REPLY_HEADER}
         )
+        headers = user_headers + broker_headers
+        if not _storable_headers(headers):
+            return None, ack_to  # beyond the record format's header fields: too large
         record = NewRecord(
             value=message.value,
             # proto3 cannot tell an empty key from none; no key is the null key.
             key=message.key or None,
-            headers=user_headers + broker_headers,
+            headers=headers,
         )
         return record, ack_to
 
@@ -493,3 +515,13 @@ class Partition:
             )
         else:
             self.stats.acks_sent += 1
+
+
+def _storable_headers(headers: Headers) -> bool:
+    """Whether the record format can hold ``headers`` (an i16 count and i16 name lengths)."""
+    if len(headers) > MAX_HEADERS:
+        return False
+    return all(
+        len(name) <= MAX_HEADER_KEY_BYTES // 4 or len(name.encode()) <= MAX_HEADER_KEY_BYTES
+        for name, _ in headers
+    )
