@@ -163,3 +163,18 @@ async def test_a_second_broker_on_the_same_data_dir_refuses_naming_the_holder(
     assert await broker.stop() == 0
     again = await broker.restart()  # the lock goes with its holder
     assert again.running
+
+
+async def test_listen_binds_one_address_and_metadata_advertises_another(
+    broker_factory: BrokerFactory,
+) -> None:
+    broker = await broker_factory(
+        args=["--listen", "127.0.0.1:0", "--host", "flux.example", "--port", "19292"]
+    )
+    assert "(advertised as flux.example:19292)" in broker.output()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
+    (me,) = response.brokers
+    assert (me.host, me.port) == ("flux.example", 19292)
+    assert not broker.address.endswith(":19292")
