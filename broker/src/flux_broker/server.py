@@ -46,6 +46,7 @@ from flux_broker.config import Config
 from flux_broker.data_dir import DataDirInUseError, DataDirLock
 from flux_broker.metadata import SqliteMetadataStore
 from flux_broker.nats.acks import AckRouter
+from flux_broker.nats.connection import harden
 from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
 from flux_broker.streams.manager import StreamManager
 from flux_proto import api_pb2, api_pb2_grpc
@@ -153,6 +154,8 @@ class Broker:
             self._store = await SqliteMetadataStore.open(data_dir / METADATA_FILE)
         except Exception as error:
             raise StartupError(f"cannot open the metadata database: {error}") from error
+        await self._check_owner()
+        self._keep_broker_id()
         assert self._nc is not None
         self._streams = StreamManager(
             data_dir=data_dir,
@@ -174,6 +177,32 @@ class Broker:
         for service in ("", _API_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._write_ready_file()
+
+    async def _check_owner(self) -> None:
+        """Refuse metadata whose partitions name only other brokers (a lost ``broker-id``)."""
+        assert self._store is not None
+        named = {
+            broker_id
+            for stream in await self._store.list_streams()
+            for partition in stream.partitions
+            for broker_id in (partition.leader, *partition.replicas)
+        }
+        if named and self.broker_id not in named:
+            raise StartupError(
+                f"the metadata in {self.settings.data_dir} names broker(s) "
+                f"{', '.join(sorted(named))}, not this broker ({self.broker_id!r}): start with "
+                f"--server-id {sorted(named)[0]} (the {BROKER_ID_FILE} file may have been lost)"
+            )
+
+    def _keep_broker_id(self) -> None:
+        """Write the broker id to ``broker-id`` once the metadata agreed with it."""
+        path = self.settings.data_dir / BROKER_ID_FILE
+        try:
+            stored = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            stored = ""
+        if stored != self.broker_id:
+            _write_durably(path, self.broker_id + "\n")
 
     async def _start_nats(self) -> None:
         config = self._config
@@ -212,6 +241,7 @@ class Broker:
             where = ", ".join(servers)
             raise StartupError(f"cannot connect to NATS at {where}: {reason}") from None
         self._nc.options["max_reconnect_attempts"] = -1
+        harden(self._nc)
         self.nats_url = self._nc.connected_url.geturl() if self._nc.connected_url else servers[0]
 
     async def _on_nats_disconnected(self) -> None:
@@ -360,12 +390,22 @@ def _broker_id(data_dir: Path, configured: str) -> str:
             f"the data directory {data_dir} belongs to broker {stored!r}, not {configured!r}: "
             f"start with --server-id {stored} or use another --data-dir"
         )
-    broker_id = configured or stored or NUID().next().decode()
-    if broker_id != stored:
-        temporary = path.with_name(BROKER_ID_FILE + ".tmp")
-        temporary.write_text(broker_id + "\n", encoding="utf-8")
-        temporary.replace(path)
-    return broker_id
+    return configured or stored or NUID().next().decode()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temporary file, fsync, rename, fsync the directory."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _nats_tls(config: Config) -> ssl.SSLContext | None:

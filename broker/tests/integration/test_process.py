@@ -178,3 +178,35 @@ async def test_listen_binds_one_address_and_metadata_advertises_another(
     (me,) = response.brokers
     assert (me.host, me.port) == ("flux.example", 19292)
     assert not broker.address.endswith(":19292")
+
+
+async def test_a_lost_broker_id_file_is_refused_naming_the_id(
+    broker: BrokerProcess, broker_factory: BrokerFactory
+) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        await api.CreateStream(api_pb2.CreateStreamRequest(subject="owned", name="owned"))
+    assert await broker.stop() == 0
+    (broker.data_dir / "broker-id").unlink()
+    with pytest.raises(BrokerProcessError) as info:
+        await broker_factory(broker.data_dir)
+    assert f"--server-id {broker.broker_id}" in str(info.value)
+    again = await broker_factory(broker.data_dir, args=["--server-id", broker.broker_id])
+    assert again.broker_id == broker.broker_id
+
+
+async def test_data_the_metadata_does_not_know_is_moved_aside_not_deleted(
+    broker: BrokerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        await api.CreateStream(api_pb2.CreateStreamRequest(subject="kept", name="kept"))
+    assert await broker.stop() == 0
+    for path in broker.data_dir.glob("metadata.db*"):
+        path.unlink()  # a lost metadata database
+    again = await broker.restart()
+    assert not (broker.data_dir / "streams" / "kept").exists()
+    (moved,) = (broker.data_dir / "orphans").iterdir()
+    assert moved.name.startswith("kept-")
+    assert (moved / "0").is_dir()
+    assert "which the metadata does not know" in again.output()

@@ -59,6 +59,7 @@ from flux_broker.api.publish_request import (
 )
 from flux_broker.api.status import FluxStatus
 from flux_broker.nats.acks import listen
+from flux_broker.nats.connection import write_pending
 from flux_broker.nats.subjects import InvalidSubjectError, validate_literal_subject
 from flux_proto import api_pb2
 
@@ -78,9 +79,7 @@ async def _send_now(nc: Client, subject: str, data: bytes) -> None:
     """Publish and wait until nats-py has written its queue to the socket (no round trip)."""
     with nats_failures():
         await nc.publish(subject, data)
-        # A private method of the pinned nats-py (as in flux_broker.streams.partition): the
-        # public flush() costs a round trip and its PING may even overtake the queued PUB.
-        await nc._flush_pending(force_flush=True)
+        await write_pending(nc)  # on the wire before the reply; a round trip is not needed
 
 
 async def _deliver(

@@ -45,6 +45,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
+from flux_broker.nats.connection import round_trip
 from flux_broker.nats.envelope import EnvelopeError, decode_ack
 from flux_broker.nats.subjects import SEPARATOR, SINGLE_WILDCARD, ack_inbox
 from flux_proto import api_pb2
@@ -181,12 +182,8 @@ class AckRouter:
             subscription = await self._nc.subscribe(self.subject, cb=self._on_message)
             try:
                 # Round trip once, so the server has the subscription before the first inbox
-                # is used. nats-py's flush() writes its PING straight to the socket, ahead of
-                # commands still queued for its flusher (the SUB), so its PONG alone proves
-                # nothing; have the flusher write the queue first (a private method of the
-                # pinned nats-py, as in flux_broker.streams.partition).
-                await self._nc._flush_pending(force_flush=True)
-                await self._nc.flush()
+                # is used.
+                await round_trip(self._nc)
             except BaseException:
                 with contextlib.suppress(nats.errors.Error):
                     await subscription.unsubscribe()

@@ -11,31 +11,35 @@ Order of effects, so that a crash at any point leaves a state start-up repairs:
   that fails, the stream is deleted again and the error is raised. A crash in between is
   repaired by :meth:`StreamManager.recover`, which opens every stream the metadata names.
 - **Delete**: apply ``DeleteStream`` (durable), stop the leaders, close the logs (subscribers
-  end with NOT_FOUND), rename the stream's directory to ``.deleted-<stream>-<n>`` (one atomic
-  step, so a stream created again under that name starts empty) and remove it. Start-up
-  removes leftover ``.deleted-*`` directories and directories of streams the metadata does not
-  know (a crash between the apply and the rename).
-- **Recover** (start-up): open every partition's log (crash recovery of the log itself is
-  :mod:`flux_broker.log.recovery`), set the HW to the recovered newest offset (the ISR is this
-  broker alone) and the leader epoch from the metadata, then start the leaders.
+  end with NOT_FOUND), rename the stream's directory to ``.deleted-<nuid>`` (one atomic step)
+  and remove it. A create never adopts a directory left under its name: it removes it first,
+  so a stream created again starts empty.
+- **Recover** (start-up): remove leftover ``.deleted-*`` directories; move the directory of a
+  stream the metadata does not know to ``<data.dir>/orphans/`` with an error in the log (never
+  delete it: a lost or restored ``metadata.db`` must not become silent data loss); open every
+  partition's log (crash recovery of the log itself is :mod:`flux_broker.log.recovery`), set
+  the HW to the recovered newest offset (the ISR is this broker alone) and the leader epoch
+  from the metadata, and only once every log of a stream is open start its leaders.
 
-Admin operations are serialised by one lock; they are rare and each is a few milliseconds.
+Admin operations are serialised by one lock; they are rare and each is a few milliseconds. Each
+runs as a task of the manager that the RPC awaits through :func:`asyncio.shield`, so a client
+that gives up (a deadline) never leaves one half done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from nats.aio.client import Client
+from nats.nuid import NUID
 
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.commitlog import FileCommitLog
@@ -44,6 +48,7 @@ from flux_broker.metadata import (
     CreateStream,
     DeleteStream,
     MetadataClosedError,
+    MetadataError,
     MetadataStore,
     Partition,
     Stream,
@@ -51,15 +56,25 @@ from flux_broker.metadata import (
 )
 from flux_broker.streams.partition import Partition as PartitionLeader
 
-__all__ = ["DELETED_PREFIX", "STREAMS_DIR", "LivePartition", "LiveStream", "StreamManager"]
+__all__ = [
+    "DELETED_PREFIX",
+    "ORPHANS_DIR",
+    "STREAMS_DIR",
+    "LivePartition",
+    "LiveStream",
+    "StreamManager",
+]
 
 _logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The directory under ``data.dir`` holding one directory per stream.
 STREAMS_DIR: Final = "streams"
 #: Prefix of a deleted stream's directory while it is being removed. Stream names cannot start
 #: with ``.``, so it never clashes with a stream.
 DELETED_PREFIX: Final = ".deleted-"
+#: The directory under ``data.dir`` where start-up moves stream data the metadata does not know.
+ORPHANS_DIR: Final = "orphans"
 
 _MS_PER_S: Final = 1000.0
 
@@ -169,7 +184,8 @@ class StreamManager:
         self._clock: Clock = clock or SystemClock()
         self._streams: dict[str, LiveStream] = {}
         self._lock = asyncio.Lock()
-        self._deleted_serial = itertools.count()
+        self._admin_tasks: set[asyncio.Task[Any]] = set()
+        self._orphans_dir = data_dir / ORPHANS_DIR
         self._closed = False
 
     # -- lookups -------------------------------------------------------------------------
@@ -208,28 +224,41 @@ class StreamManager:
         """
         self._streams_dir.mkdir(parents=True, exist_ok=True)
         streams = await self._store.list_streams()
-        await asyncio.to_thread(self._remove_orphans, {stream.name for stream in streams})
+        await asyncio.to_thread(self._sweep, {stream.name for stream in streams})
         for stream in streams:
             self._streams[stream.name] = await self._open_stream(stream)
         return self.partition_count()
 
-    def _remove_orphans(self, known: set[str]) -> None:
+    def _sweep(self, known: set[str]) -> None:
+        """Finish interrupted deletes; move data no stream owns aside, never delete it."""
         for entry in sorted(self._streams_dir.iterdir()):
             if entry.name in known or not entry.is_dir():
                 continue
-            _logger.warning(
-                "removing %s: no stream of that name in the metadata (left by a delete that "
-                "did not finish)",
+            if entry.name.startswith(DELETED_PREFIX):
+                _logger.info("removing %s, left by a delete that did not finish", entry)
+                shutil.rmtree(entry)
+                continue
+            # Deleting it would turn a lost or rolled-back metadata.db into silent data loss.
+            target = self._orphans_dir / f"{entry.name}-{_unique()}"
+            _logger.error(
+                "%s holds data of stream %r, which the metadata does not know: moved to %s "
+                "(a lost or restored metadata.db, or another broker's directory?)",
                 entry,
+                entry.name,
+                target,
             )
-            shutil.rmtree(entry)
+            self._orphans_dir.mkdir(exist_ok=True)
+            entry.rename(target)
 
     async def _open_stream(self, stream: Stream) -> LiveStream:
+        """Open every partition's log, then start the leaders (none acks before all opened)."""
         live = LiveStream(stream)
         config = stream_log_config(self.log_config, stream.config)
         try:
             for meta in stream.partitions:
                 live.partitions.append(await self._open_partition(stream, meta, config))
+            for partition in live.partitions:
+                await partition.leader.start()
         except BaseException:
             await self._close_stream(live)
             raise
@@ -240,27 +269,23 @@ class StreamManager:
     ) -> LivePartition:
         directory = self._streams_dir / stream.name / str(meta.id)
         log = await FileCommitLog.open(directory, config, self._clock)
-        try:
-            # A cluster of one: everything written is on the whole ISR, so it is committed.
-            log.set_high_watermark(log.newest_offset)
-            if meta.leader_epoch > log.leader_epoch:
-                log.set_leader_epoch(meta.leader_epoch)
-            leader = PartitionLeader(
-                stream=stream.name,
-                partition_id=meta.id,
-                subject=stream.subject,
-                group=stream.group,
-                log=log,
-                nc=self._nc,
-                namespace=self.namespace,
-                record_max_bytes=config.record_max_bytes,
-                batch_max_messages=self._batch_max_messages,
-                clock=self._clock,
-            )
-            await leader.start()
-        except BaseException:
-            await log.close()
-            raise
+        # A cluster of one: everything written is on the whole ISR, so it is committed.
+        log.set_high_watermark(log.newest_offset)
+        if meta.leader_epoch > log.leader_epoch:
+            log.set_leader_epoch(meta.leader_epoch)
+        leader = PartitionLeader(
+            stream=stream.name,
+            partition_id=meta.id,
+            subject=stream.subject,
+            group=stream.group,
+            log=log,
+            nc=self._nc,
+            namespace=self.namespace,
+            record_max_bytes=config.record_max_bytes,
+            batch_max_messages=self._batch_max_messages,
+            clock=self._clock,
+            optimistic_concurrency=bool(stream.config.optimistic_concurrency_control),
+        )
         return LivePartition(
             stream=stream.name,
             id=meta.id,
@@ -275,7 +300,9 @@ class StreamManager:
     async def create_stream(self, command: CreateStream) -> LiveStream:
         """Apply ``command``, then open the new stream's logs and start its leaders.
 
-        The caller validated the request; the store checks the rest.
+        The caller validated the request; the store checks the rest. The work runs as a task
+        of the manager: cancelling the caller (a client's deadline) does not stop it halfway,
+        so the metadata and the running partitions never disagree.
 
         Returns:
             The new stream.
@@ -285,16 +312,39 @@ class StreamManager:
             flux_broker.metadata.MetadataError: The store failed; nothing was created.
             OSError: The logs could not be opened; the stream was deleted again.
         """
+        return await self._run(self._create_stream(command), f"create-stream-{command.name}")
+
+    async def delete_stream(self, name: str) -> None:
+        """Delete a stream: metadata first, then leaders, logs and data (a task, as create).
+
+        Raises:
+            flux_broker.metadata.StreamNotFoundError: No stream of that name.
+            flux_broker.metadata.MetadataError: The store failed; nothing was deleted.
+        """
+        await self._run(self._delete_stream(name), f"delete-stream-{name}")
+
+    async def _run(self, work: Coroutine[Any, Any, _T], name: str) -> _T:
+        task = asyncio.create_task(work, name=name)
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
+        # The task finishes even if the caller is cancelled; its outcome is logged then.
+        task.add_done_callback(_log_unobserved_failure)
+        return await asyncio.shield(task)
+
+    async def _create_stream(self, command: CreateStream) -> LiveStream:
         async with self._lock:
             self._check_open()
             await self._store.apply(command)
             stream = await self._store.get_stream(command.name)
             assert stream is not None, command.name
             try:
+                # A directory under the new name can only be a leftover (a delete that could
+                # not remove it): a new stream never adopts old records.
+                await asyncio.to_thread(self._remove_directory, stream.name)
                 live = await self._open_stream(stream)
             except BaseException:
                 _logger.exception("stream %r: could not open its logs; deleting it", command.name)
-                await asyncio.shield(self._undo_create(command.name))
+                await self._undo_create(command.name)
                 raise
             self._streams[stream.name] = live
             _logger.info(
@@ -312,13 +362,7 @@ class StreamManager:
         except Exception:
             _logger.exception("stream %r: could not undo its creation", name)
 
-    async def delete_stream(self, name: str) -> None:
-        """Delete a stream: metadata first, then leaders, logs and data.
-
-        Raises:
-            flux_broker.metadata.StreamNotFoundError: No stream of that name.
-            flux_broker.metadata.MetadataError: The store failed; nothing was deleted.
-        """
+    async def _delete_stream(self, name: str) -> None:
         async with self._lock:
             self._check_open()
             await self._store.apply(DeleteStream(name))
@@ -327,15 +371,20 @@ class StreamManager:
                 for partition in live.partitions:
                     partition.deleted = True
                 await self._close_stream(live)
-            await asyncio.to_thread(self._remove_directory, name)
+            try:
+                await asyncio.to_thread(self._remove_directory, name)
+            except OSError:
+                # The metadata says deleted; a create of the name removes what is left.
+                _logger.exception("stream %r: deleted, but its data could not be removed", name)
             _logger.info("deleted stream %r", name)
 
     def _remove_directory(self, name: str) -> None:
+        """Remove a stream's directory: one atomic rename out of the way, then the files."""
         directory = self._streams_dir / name
         if not directory.exists():
             return
-        serial = next(self._deleted_serial)
-        doomed = self._streams_dir / f"{DELETED_PREFIX}{name}-{os.getpid()}-{serial}"
+        # Not named after the stream: a 249-character name plus a suffix would pass NAME_MAX.
+        doomed = self._streams_dir / f"{DELETED_PREFIX}{_unique()}"
         directory.rename(doomed)
         _fsync_directory(self._streams_dir)
         shutil.rmtree(doomed)
@@ -348,17 +397,49 @@ class StreamManager:
     # -- shutdown ------------------------------------------------------------------------
 
     async def _close_stream(self, live: LiveStream) -> None:
-        await asyncio.gather(*(partition.leader.stop() for partition in live.partitions))
-        await asyncio.gather(*(partition.log.close() for partition in live.partitions))
+        await _close_partitions(live.partitions)
 
     async def close(self) -> None:
-        """Stop every leader (in-flight appends and acks finish), then close every log."""
+        """Stop every leader (in-flight appends and acks finish), then close every log.
+
+        Admin operations in progress finish first. A partition that fails to stop or close is
+        logged; the others are closed regardless.
+        """
         async with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
-        partitions = [partition for live in streams for partition in live.partitions]
-        await asyncio.gather(*(partition.leader.stop() for partition in partitions))
-        await asyncio.gather(*(partition.log.close() for partition in partitions))
+        await _close_partitions([partition for live in streams for partition in live.partitions])
+
+
+async def _close_partitions(partitions: Sequence[LivePartition]) -> None:
+    stops = await asyncio.gather(
+        *(partition.leader.stop() for partition in partitions), return_exceptions=True
+    )
+    closes = await asyncio.gather(
+        *(partition.log.close() for partition in partitions), return_exceptions=True
+    )
+    for partition, stop, close in zip(partitions, stops, closes, strict=True):
+        for what, outcome in (("stop its leader", stop), ("close its log", close)):
+            if isinstance(outcome, BaseException):
+                _logger.error(
+                    "stream %r partition %d: could not %s",
+                    partition.stream,
+                    partition.id,
+                    what,
+                    exc_info=outcome,
+                )
+
+
+def _log_unobserved_failure(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()  # retrieved, so asyncio does not report it as lost
+    if error is not None and not isinstance(error, MetadataError):
+        _logger.debug("%s failed: %r", task.get_name(), error)
+
+
+def _unique() -> str:
+    return NUID().next().decode()
 
 
 def _fsync_directory(path: Path) -> None:

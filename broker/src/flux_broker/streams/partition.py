@@ -20,6 +20,10 @@ Per NATS message (reference ``liftbridge-api.md`` §1.4, §1.6, §2):
   with ``ackError=TOO_LARGE`` whatever its policy. So does a message whose *record* (payload plus
   the ``subject``/``reply`` headers and framing) would exceed the log's own record limit, which
   would otherwise fail the whole batch.
+- On a stream with optimistic concurrency control, an envelope whose ``offset`` (the expected
+  offset) is not -1 and not the offset the record would get is not stored; it gets an ack
+  with ``ackError=INCORRECT_OFFSET`` whatever its policy. (The proto default 0 is a check,
+  as in Liftbridge: clients that never set it can only write offset 0.)
 - After the append returns (durable per the log's sync policy) the HW moves to the newest
   offset -- the ISR is this broker alone -- and every message with an ack inbox and policy
   LEADER or ALL gets one success ack, in offset order. NONE gets none.
@@ -60,6 +64,7 @@ from flux_broker.log.format import (
     NewRecord,
     record_bytes,
 )
+from flux_broker.nats.connection import round_trip
 from flux_broker.nats.envelope import EnvelopeError, decode_message, encode_ack
 from flux_broker.nats.subjects import (
     InvalidSubjectError,
@@ -70,6 +75,7 @@ from flux_proto import api_pb2
 
 __all__ = [
     "BATCH_MAX_MESSAGES",
+    "NO_EXPECTED_OFFSET",
     "PENDING_BYTES_LIMIT",
     "PENDING_MSGS_LIMIT",
     "QUEUE_MAX_BYTES",
@@ -101,6 +107,9 @@ PENDING_BYTES_LIMIT: Final = 64 * MIB
 #: How long :meth:`Partition.stop` waits for the in-flight messages and acks by default.
 STOP_TIMEOUT_S: Final = 10.0
 
+#: The expected offset that asks for no optimistic-concurrency check.
+NO_EXPECTED_OFFSET: Final = -1
+
 #: Header names the broker adds to every record stored from NATS (Liftbridge's).
 SUBJECT_HEADER: Final = "subject"
 REPLY_HEADER: Final = "reply"
@@ -127,6 +136,8 @@ class PartitionStats:
         first_received_ns: When the first message since start arrived (Unix ns; 0 = none), for
             ``PartitionMetadata.messagesReceivedTimestamps``.
         latest_received_ns: When the latest message arrived (Unix ns; 0 = none).
+        incorrect_offset: Messages refused by optimistic concurrency control (not stored;
+            INCORRECT_OFFSET ack if they had an ack inbox).
         ingest_failures: Batches that failed for an unexpected reason (a bug; logged with its
             traceback); their messages got no ack.
     """
@@ -142,6 +153,7 @@ class PartitionStats:
     first_received_ns: int = 0
     latest_received_ns: int = 0
     ingest_failures: int = 0
+    incorrect_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +197,7 @@ class Partition:
         clock: Clock | None = None,
         queue_max_messages: int = QUEUE_MAX_MESSAGES,
         queue_max_bytes: int = QUEUE_MAX_BYTES,
+        optimistic_concurrency: bool = False,
     ) -> None:
         """Describe the partition (arguments by keyword); nothing happens until :meth:`start`.
 
@@ -204,6 +217,9 @@ class Partition:
             clock: Source of reception and commit timestamps (default: the system clock).
             queue_max_messages: Bound of the queue feeding the ingest task, in messages.
             queue_max_bytes: Bound of the same queue, in payload bytes.
+            optimistic_concurrency: The stream's ``optimisticConcurrencyControl``: a message
+                whose expected offset (the envelope's ``offset``) is not -1 and not the offset
+                it would get is not stored and gets an INCORRECT_OFFSET ack.
 
         Raises:
             ValueError: ``partition_id`` is negative or a limit is not positive.
@@ -223,6 +239,7 @@ class Partition:
         self.namespace = namespace
         self.record_max_bytes = record_max_bytes
         self.batch_max_messages = batch_max_messages
+        self.optimistic_concurrency = optimistic_concurrency
         self.stats = PartitionStats()
         self._log = log
         self._nc = nc
@@ -262,13 +279,9 @@ class Partition:
                 pending_bytes_limit=PENDING_BYTES_LIMIT,
             )
             # Round trip, so the server has the subscription before start() returns: a
-            # message published after it is received. nats-py's flush() writes its PING
-            # straight to the socket, ahead of commands still queued for its flusher task (our
-            # SUB), so its PONG alone proves nothing; a test lost the first message that way
-            # about once in 40 runs. Waiting for the flusher to write the queue first closes
-            # the gap (a private method of the pinned nats-py; no public call does this).
-            await self._nc._flush_pending(force_flush=True)
-            await self._nc.flush()
+            # message published after it is received (a test lost the first message about
+            # once in 40 runs before round_trip wrote nats-py's queue ahead of its PING).
+            await round_trip(self._nc)
         except BaseException:
             self._task.cancel()
             raise
@@ -294,7 +307,7 @@ class Partition:
                 await self._queue.put(None)  # after every message: the task ends there
                 if task is not None:
                     await asyncio.shield(task)
-                await self._nc.flush()  # the last acks reach the server
+                await round_trip(self._nc)  # the last acks reach the server
         except TimeoutError:
             _logger.warning(
                 "%s: stop did not finish in %gs; unacked messages are abandoned",
@@ -390,12 +403,22 @@ class Partition:
         acks: list[_AckTo | None] = []
         chunk_bytes = 0
         for arrival in batch:
-            record, ack_to = self._to_record(arrival)
+            record, ack_to, expected_offset = self._to_record(arrival)
             size = record_bytes(record) if record is not None else 0
             if record is None or size > record_limit:
                 self.stats.too_large += 1
                 if ack_to is not None:
                     await self._send_error_ack(ack_to, api_pb2.Ack.Error.TOO_LARGE)
+                continue
+            if (
+                self.optimistic_concurrency
+                and expected_offset != NO_EXPECTED_OFFSET
+                # The offset this record would get: the log's next one, after those pending.
+                and expected_offset != self._log.newest_offset + 1 + len(records)
+            ):
+                self.stats.incorrect_offset += 1
+                if ack_to is not None:
+                    await self._send_error_ack(ack_to, api_pb2.Ack.Error.INCORRECT_OFFSET)
                 continue
             if chunk_bytes + size > batch_limit:
                 # Only when a batch of big messages passes the log's batch limit.
@@ -407,8 +430,12 @@ class Partition:
         if records:
             await self._append_and_ack(records, acks)
 
-    def _to_record(self, arrival: _Arrival) -> tuple[NewRecord | None, _AckTo | None]:
-        """The record to store for a NATS message (``None`` if too large) and its ack target."""
+    def _to_record(self, arrival: _Arrival) -> tuple[NewRecord | None, _AckTo | None, int]:
+        """The record for a NATS message (``None`` if too large), its ack target, its offset.
+
+        The offset is the envelope's expected offset (:data:`NO_EXPECTED_OFFSET` for raw
+        payloads), checked when the stream uses optimistic concurrency control.
+        """
         msg = arrival.msg
         data = msg.data
         try:
@@ -428,14 +455,15 @@ class Partition:
                 msg_subject=msg.subject,
                 received_ns=arrival.received_ns,
             )
+        expected = NO_EXPECTED_OFFSET if message is None else message.offset
         if len(data) > self.record_max_bytes:
-            return None, ack_to
+            return None, ack_to, expected
         broker_headers = (
             (SUBJECT_HEADER, msg.subject.encode()),
             (REPLY_HEADER, (msg.reply or "").encode()),
         )
         if message is None:
-            return NewRecord(value=bytes(data), headers=broker_headers), ack_to
+            return NewRecord(value=bytes(data), headers=broker_headers), ack_to, expected
         user_headers = tuple(
             (name, value)
             for name, value in message.headers.items()
@@ -443,14 +471,14 @@ class Partition:
         )
         headers = user_headers + broker_headers
         if not _storable_headers(headers):
-            return None, ack_to  # beyond the record format's header fields: too large
+            return None, ack_to, expected  # beyond the record format's header fields
         record = NewRecord(
             value=message.value,
             # proto3 cannot tell an empty key from none; no key is the null key.
             key=message.key or None,
             headers=headers,
         )
-        return record, ack_to
+        return record, ack_to, expected
 
     async def _append_and_ack(self, records: list[NewRecord], acks: list[_AckTo | None]) -> None:
         try:
