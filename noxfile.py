@@ -137,9 +137,14 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The commit-log benchmark with its baseline; arguments after -- go to it (e.g. --quick)."""
+    """The commit-log and broker-API benchmarks with their baselines (e.g. ``-- --quick``).
+
+    Arguments after -- go to log_bench.py; api_bench.py gets only ``--quick`` from them.
+    """
     install(session, "test")
+    quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", str(ROOT / "broker" / "bench" / "log_bench.py"), *session.posargs)
+    session.run("python", str(ROOT / "broker" / "bench" / "api_bench.py"), *quick)
 
 
 @nox.session
