@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,6 +114,11 @@ NO_EXPECTED_OFFSET: Final = -1
 #: Header names the broker adds to every record stored from NATS (Liftbridge's).
 SUBJECT_HEADER: Final = "subject"
 REPLY_HEADER: Final = "reply"
+
+_BROKER_HEADERS: Final = frozenset({SUBJECT_HEADER, REPLY_HEADER})
+#: Ack inboxes remembered as valid: a publisher reuses one inbox for many messages, and
+#: checking it is a visible share of the per-message cost (profiled).
+_VALID_INBOXES_MAX: Final = 4096
 
 _SUCCESS_ACK_POLICIES: Final = frozenset({api_pb2.AckPolicy.LEADER, api_pb2.AckPolicy.ALL})
 
@@ -464,10 +470,14 @@ class Partition:
         )
         if message is None:
             return NewRecord(value=bytes(data), headers=broker_headers), ack_to, expected
-        user_headers = tuple(
-            (name, value)
-            for name, value in message.headers.items()
-            if name not in {SUBJECT_HEADER, REPLY_HEADER}
+        user_headers = (
+            tuple(
+                (name, value)
+                for name, value in message.headers.items()
+                if name not in _BROKER_HEADERS
+            )
+            if message.headers
+            else ()
         )
         headers = user_headers + broker_headers
         if not _storable_headers(headers):
@@ -534,7 +544,7 @@ class Partition:
         try:
             # The inbox comes from the publisher: a wildcard or malformed one must not reach
             # the server as a publish subject.
-            validate_literal_subject(ack.ackInbox)
+            _validate_inbox(ack.ackInbox)
             await self._nc.publish(ack.ackInbox, encode_ack(ack))
         except (InvalidSubjectError, nats.errors.Error) as error:
             self.stats.ack_failures += 1
@@ -553,3 +563,9 @@ def _storable_headers(headers: Headers) -> bool:
         len(name) <= MAX_HEADER_KEY_BYTES // 4 or len(name.encode()) <= MAX_HEADER_KEY_BYTES
         for name, _ in headers
     )
+
+
+@functools.lru_cache(maxsize=_VALID_INBOXES_MAX)
+def _validate_inbox(inbox: str) -> None:
+    """:func:`validate_literal_subject`, remembered for inboxes that passed (errors are not)."""
+    validate_literal_subject(inbox)
