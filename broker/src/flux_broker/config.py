@@ -132,8 +132,8 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("streams.segment.max.age", D, WEEK_S),
         _k("streams.compact.enabled", B, False),
         _k("streams.compact.max.goroutines", N, 10, IGNORED),
-        _k("streams.auto.pause.time", D, 0.0, IGNORED),
-        _k("streams.auto.pause.disable.if.subscribers", B, False, IGNORED),
+        _k("streams.auto.pause.time", D, 0.0),
+        _k("streams.auto.pause.disable.if.subscribers", B, False),
         _k("streams.concurrency.control", B, False, IGNORED),
         _k("streams.encryption", B, False, FAIL_CLOSED),
         # Streams: Flux's own.
@@ -167,8 +167,8 @@ KEYS: Final[dict[str, ConfigKey]] = {
             IGNORED,
             choices=("none", "leader", "all"),
         ),
-        _k("cursors.stream.partitions", N, 1, IGNORED),  # Liftbridge: 0; see DESIGN.md §4.5
-        _k("cursors.stream.replication.factor", N, -1, IGNORED),
+        _k("cursors.stream.partitions", N, 1),  # Liftbridge: 0; see DESIGN.md §4.5
+        _k("cursors.stream.replication.factor", N, -1),
         _k("cursors.stream.auto.pause.time", D, 60.0, IGNORED),
         _k("groups.consumer.timeout", D, 15.0, IGNORED),
         _k("groups.coordinator.timeout", D, 15.0, IGNORED),

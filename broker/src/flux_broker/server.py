@@ -3,7 +3,8 @@
 Start-up (:meth:`Broker.start`)::
 
     data dir lock ─▶ broker id ─▶ NATS (embedded child or --nats-servers) ─▶ metadata.db
-             ─▶ recover every stream and partition ─▶ gRPC API + health SERVING ─▶ ready
+             ─▶ recover every stream and partition ─▶ create __cursors if configured, load
+             the cursors ─▶ gRPC API + health SERVING ─▶ ready
 
 Shutdown (:meth:`Broker.stop`, on SIGTERM or SIGINT), the reverse::
 
@@ -43,11 +44,13 @@ from flux_broker.api.context import BrokerContext
 from flux_broker.api.service import ApiService
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.config import Config
+from flux_broker.cursors import CursorStore, ensure_cursors_stream
 from flux_broker.data_dir import DataDirInUseError, DataDirLock
 from flux_broker.metadata import SqliteMetadataStore
 from flux_broker.nats.acks import AckRouter
 from flux_broker.nats.connection import harden
 from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
+from flux_broker.streams.effective_config import defaults as stream_defaults
 from flux_broker.streams.manager import StreamManager
 from flux_proto import api_pb2, api_pb2_grpc
 
@@ -117,6 +120,7 @@ class Broker:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._api: ApiService | None = None
+        self._cursors: CursorStore | None = None
         self.broker_id = ""
         self.grpc_address = ""
         self.nats_url = ""
@@ -166,6 +170,10 @@ class Broker:
             log_config=self._config.log_config(),
             batch_max_messages=self._config.integer("batch.max.messages"),
             clock=self._clock,
+            auto_pause_time_s=self._config.seconds("streams.auto.pause.time"),
+            auto_pause_disable_if_subscribers=self._config.boolean(
+                "streams.auto.pause.disable.if.subscribers"
+            ),
         )
         recovered = await self._streams.recover()
         _logger.info(
@@ -173,10 +181,27 @@ class Broker:
             recovered,
             len(list(self._streams.streams())),
         )
+        self._cursors = await self._open_cursors()
         await self._start_grpc()
         for service in ("", _API_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._write_ready_file()
+
+    async def _open_cursors(self) -> CursorStore:
+        """Create ``__cursors`` if configured and missing, and load every cursor from it."""
+        assert self._streams is not None
+        try:
+            partitions = await ensure_cursors_stream(
+                self._streams,
+                partitions=self._config.integer("cursors.stream.partitions"),
+                replication_factor=self._config.integer("cursors.stream.replication.factor"),
+                clock=self._clock,
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        cursors = CursorStore(self._streams, partitions)
+        await cursors.load()
+        return cursors
 
     async def _check_owner(self) -> None:
         """Refuse metadata whose partitions name only other brokers (a lost ``broker-id``)."""
@@ -290,7 +315,9 @@ class Broker:
             streams=self._streams,
             nc=self._nc,
             acks=AckRouter(self._nc, config.string("clustering.namespace")),
+            stream_defaults=stream_defaults(config),
             clock=self._clock,
+            cursors=self._cursors,
         )
         self._api = ApiService(broker)
         api_pb2_grpc.add_APIServicer_to_server(self._api, server)

@@ -38,6 +38,7 @@ from flux_broker.metadata.errors import (
     InvalidCommandError,
     MetadataClosedError,
     MetadataStorageError,
+    PartitionNotFoundError,
     StreamExistsError,
     StreamNotFoundError,
 )
@@ -160,6 +161,7 @@ async def _create_stream_fails(api: _Api, error: BaseException) -> grpc.aio.AioR
 MAPPINGS: Final[list[tuple[Exception, str, str | None]]] = [
     (StreamExistsError("orders"), "STREAM_EXISTS", None),
     (StreamNotFoundError("orders"), "STREAM_NOT_FOUND", None),
+    (PartitionNotFoundError("orders", 3, 2), "PARTITION_NOT_FOUND", "No such partition"),
     (_raised(lambda: validate_stream_name("__mine")), "STREAM_RESERVED", "Stream is reserved"),
     (_raised(lambda: validate_stream_name("../etc")), "INVALID_ARGUMENT", None),
     (_raised(lambda: validate_subject("fo*.bar", partitions=1)), "INVALID_ARGUMENT", None),

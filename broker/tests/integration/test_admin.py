@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import grpc
+import nats
 import pytest
 
 from flux_proto import api_pb2
 from flux_proto.errors import REASON_METADATA_KEY
+from flux_testing import wait_for
 from flux_testing.broker import BrokerProcess
 
 if TYPE_CHECKING:
@@ -28,8 +31,18 @@ async def _status(call: object) -> grpc.aio.AioRpcError:
 
 
 def _tree(broker: BrokerProcess) -> list[str]:
+    """Files under streams/, without the broker's internal streams (``__cursors``)."""
     streams = broker.data_dir / "streams"
-    return sorted(str(path.relative_to(streams)) for path in streams.rglob("*"))
+    return sorted(
+        str(path.relative_to(streams))
+        for path in streams.rglob("*")
+        if not path.relative_to(streams).parts[0].startswith("__")
+    )
+
+
+def _user_streams(response: api_pb2.FetchMetadataResponse) -> list[api_pb2.StreamMetadata]:
+    """The streams of a FetchMetadata response, without the internal ones (``__cursors``)."""
+    return [stream for stream in response.streamMetadata if not stream.name.startswith("__")]
 
 
 async def test_create_then_fetch_metadata(api: API, broker: BrokerProcess) -> None:
@@ -40,8 +53,9 @@ async def test_create_then_fetch_metadata(api: API, broker: BrokerProcess) -> No
     (me,) = response.brokers
     assert me.id == broker.broker_id
     assert f"{me.host}:{me.port}" == broker.address
-    assert (me.partitionCount, me.leaderCount) == (3, 3)
-    (stream,) = response.streamMetadata
+    internal = sum(len(s.partitions) for s in response.streamMetadata) - 3
+    assert (me.partitionCount, me.leaderCount) == (3 + internal, 3 + internal)
+    (stream,) = _user_streams(response)
     assert (stream.name, stream.subject, stream.error) == ("orders", "orders", 0)
     assert stream.creationTimestamp > 0
     assert sorted(stream.partitions) == [0, 1, 2]
@@ -83,7 +97,7 @@ async def test_duplicate_name_is_already_exists_whatever_the_subject(api: API) -
     assert error.code() is grpc.StatusCode.ALREADY_EXISTS
     assert _reason(error) == "stream-exists"
     response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
-    assert [(s.name, s.subject) for s in response.streamMetadata] == [("a", "a")]
+    assert [(s.name, s.subject) for s in _user_streams(response)] == [("a", "a")]
 
 
 async def test_fetch_partition_metadata(api: API, broker: BrokerProcess) -> None:
@@ -103,12 +117,32 @@ async def test_fetch_partition_metadata(api: API, broker: BrokerProcess) -> None
         assert _reason(error) == "partition-not-found"
 
 
+async def test_partition_metadata_always_carries_the_event_timestamps(api: API) -> None:
+    # Liftbridge always sets all three messages, and clients read them unconditionally
+    # (Liftbridge.Net fails on a missing one): present even on an empty partition.
+    await api.CreateStream(api_pb2.CreateStreamRequest(subject="t", name="t", partitions=2))
+    listed = await api.FetchMetadata(api_pb2.FetchMetadataRequest(streams=["t"]))
+    single = await api.FetchPartitionMetadata(
+        api_pb2.FetchPartitionMetadataRequest(stream="t", partition=1)
+    )
+    everywhere = [*listed.streamMetadata[0].partitions.values(), single.metadata]
+    assert len(everywhere) == 3
+    for partition in everywhere:
+        assert partition.HasField("messagesReceivedTimestamps"), partition.id
+        assert partition.HasField("pauseTimestamps"), partition.id
+        assert partition.HasField("readonlyTimestamps"), partition.id
+        # Never paused, never read-only.
+        for never in (partition.pauseTimestamps, partition.readonlyTimestamps):
+            assert (never.firstTimestamp, never.latestTimestamp) == (0, 0)
+        assert (partition.paused, partition.readonly) == (False, False)
+
+
 async def test_delete_removes_metadata_and_data(api: API, broker: BrokerProcess) -> None:
     await api.CreateStream(api_pb2.CreateStreamRequest(subject="d", name="d", partitions=2))
     await api.CreateStream(api_pb2.CreateStreamRequest(subject="k", name="keep"))
     await api.DeleteStream(api_pb2.DeleteStreamRequest(name="d"))
     response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
-    assert [s.name for s in response.streamMetadata] == ["keep"]
+    assert [s.name for s in _user_streams(response)] == ["keep"]
     assert _tree(broker) == ["keep", "keep/0", *_files_of(broker, "keep/0")]
     error = await _status(api.DeleteStream(api_pb2.DeleteStreamRequest(name="d")))
     assert error.code() is grpc.StatusCode.NOT_FOUND
@@ -178,7 +212,7 @@ async def test_bad_create_requests_change_nothing(
     assert text in (error.details() or "")
     assert _tree(broker) == before
     response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
-    assert list(response.streamMetadata) == []
+    assert _user_streams(response) == []
     assert not (broker.data_dir.parent / "x").exists()
 
 
@@ -198,6 +232,68 @@ async def test_overrides_are_accepted(api: API) -> None:
 
 
 async def test_features_of_later_issues_answer_unimplemented(api: API) -> None:
-    error = await _status(api.PauseStream(api_pb2.PauseStreamRequest(name="x")))
+    error = await _status(
+        api.JoinConsumerGroup(api_pb2.JoinConsumerGroupRequest(groupId="g", consumerId="c"))
+    )
     assert error.code() is grpc.StatusCode.UNIMPLEMENTED
     assert _reason(error) == "unimplemented"
+
+
+async def test_a_stream_with_the_longest_name_is_deleted_and_re_created_empty(
+    api: API, broker: BrokerProcess
+) -> None:
+    name = "n" * 249
+    await api.CreateStream(api_pb2.CreateStreamRequest(subject="long", name=name))
+    async with await nats.connect(broker.nats_url) as nc:
+        await nc.publish("long", b"old-secret")
+        await nc.flush()
+
+        async def stored() -> bool:
+            response = await api.FetchPartitionMetadata(
+                api_pb2.FetchPartitionMetadataRequest(stream=name, partition=0)
+            )
+            return response.metadata.newestOffset == 0
+
+        await wait_for(stored, 10.0, message="the record is stored")
+    await api.DeleteStream(api_pb2.DeleteStreamRequest(name=name))
+    assert _tree(broker) == []
+    await api.CreateStream(api_pb2.CreateStreamRequest(subject="long", name=name))
+    response = await api.FetchPartitionMetadata(
+        api_pb2.FetchPartitionMetadataRequest(stream=name, partition=0)
+    )
+    assert response.metadata.newestOffset == -1
+
+
+async def test_admin_calls_cancelled_by_their_deadline_leave_a_consistent_broker(
+    api: API, broker: BrokerProcess
+) -> None:
+    names = [f"c{i}" for i in range(30)]
+    for i, name in enumerate(names):
+        request = api_pb2.CreateStreamRequest(subject=name, name=name, partitions=4)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await api.CreateStream(request, timeout=0.001 * (1 + i % 10))
+    # Admin operations run in order, and a cancelled one still finishes: once a later one
+    # returned, every create either happened completely or not at all.
+    await api.CreateStream(api_pb2.CreateStreamRequest(subject="z", name="z"), timeout=10)
+    response = await api.FetchMetadata(api_pb2.FetchMetadataRequest(), timeout=10)
+    created = {stream.name for stream in _user_streams(response)}
+    for name in names:
+        request = api_pb2.CreateStreamRequest(subject=name, name=name, partitions=4)
+        if name in created:
+            error = await _status(api.CreateStream(request, timeout=10))
+            assert error.code() is grpc.StatusCode.ALREADY_EXISTS
+        else:
+            await api.CreateStream(request, timeout=10)
+    ack = await api.Publish(
+        api_pb2.PublishRequest(stream=names[-1], value=b"v", ackPolicy=api_pb2.AckPolicy.ALL),
+        timeout=10,
+    )
+    assert ack.ack.offset == 0  # the broker still hears NATS
+    for name in names:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await api.DeleteStream(api_pb2.DeleteStreamRequest(name=name), timeout=0.002)
+    await api.DeleteStream(api_pb2.DeleteStreamRequest(name="z"), timeout=10)
+    response = await api.FetchMetadata(api_pb2.FetchMetadataRequest(), timeout=10)
+    left = {stream.name for stream in _user_streams(response)}
+    assert sorted(path for path in _tree(broker) if "/" not in path) == sorted(left)
+    assert "Traceback" not in broker.output()

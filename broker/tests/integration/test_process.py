@@ -51,11 +51,11 @@ async def test_restart_recovers_streams_ids_and_offsets(broker: BrokerProcess) -
     assert await broker.stop() == 0
     again = await broker.restart()
     assert again.broker_id == broker.broker_id
-    assert "recovered 2 partition(s) of 1 stream(s)" in again.output()
+    assert "recovered 3 partition(s) of 2 stream(s)" in again.output()  # with __cursors
     async with grpc.aio.insecure_channel(again.address) as channel:
         api = api_pb2_grpc.APIStub(channel)
         response = await api.FetchMetadata(api_pb2.FetchMetadataRequest())
-    (stream,) = response.streamMetadata
+    (stream,) = [s for s in response.streamMetadata if s.name != "__cursors"]
     assert (stream.name, stream.subject, sorted(stream.partitions)) == ("r", "r", [0, 1])
     assert stream.partitions[0].leader == broker.broker_id
 
@@ -206,7 +206,9 @@ async def test_data_the_metadata_does_not_know_is_moved_aside_not_deleted(
         path.unlink()  # a lost metadata database
     again = await broker.restart()
     assert not (broker.data_dir / "streams" / "kept").exists()
-    (moved,) = (broker.data_dir / "orphans").iterdir()
+    # __cursors went with the metadata too; the broker created a new, empty one.
+    cursors, moved = sorted((broker.data_dir / "orphans").iterdir())
     assert moved.name.startswith("kept-")
+    assert cursors.name.startswith("__cursors-")
     assert (moved / "0").is_dir()
     assert "which the metadata does not know" in again.output()

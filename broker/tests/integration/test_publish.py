@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -32,6 +32,7 @@ from flux_broker.log import LogConfig, SyncPolicy
 from flux_broker.metadata import SqliteMetadataStore
 from flux_broker.nats.acks import AckRouter
 from flux_broker.nats.envelope import decode_ack, encode_message
+from flux_broker.server import SHUTDOWN_GRACE_S
 from flux_broker.streams.manager import StreamManager
 from flux_proto import api_pb2, api_pb2_grpc
 from flux_proto.errors import REASON_METADATA_KEY
@@ -261,6 +262,14 @@ async def _requests(*requests: api_pb2.PublishRequest) -> AsyncIterator[api_pb2.
         yield request
 
 
+async def _collect(
+    responses: AsyncIterable[api_pb2.PublishResponse], into: list[api_pb2.PublishResponse]
+) -> None:
+    """Append every response to ``into`` until the call ends (raising, unless it ends OK)."""
+    async for response in responses:
+        into.append(response)
+
+
 @pytest.mark.usefixtures("stream")
 async def test_publish_async_acks_in_order_with_correlation_ids(api: API) -> None:
     count = 300
@@ -392,6 +401,38 @@ async def test_publish_async_ends_unavailable_on_shutdown(api: API, broker: Brok
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert _reason(info.value) == "unavailable"
     assert await broker.wait_exited() == 0
+
+
+@pytest.mark.usefixtures("stream")
+async def test_publish_async_acks_every_stored_message_at_shutdown(
+    api: API, broker: BrokerProcess
+) -> None:
+    # The broker is told to stop while it is still reading, storing and acking a burst. It
+    # reads no more requests, but every message it stored is acked before the call ends, so
+    # a client retries only what was not stored (Liftbridge's Go client would otherwise
+    # store acked-but-unreported messages twice).
+    count = 2000
+    call = api.PublishAsync(timeout=DEADLINE_S * 3)
+    for i in range(count):
+        await call.write(
+            api_pb2.PublishRequest(stream="s", value=b"v", correlationId=str(i), ackPolicy=LEADER)
+        )
+    stopping = asyncio.create_task(broker.stop())  # SIGTERM with acks outstanding
+    responses: list[api_pb2.PublishResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _collect(call, responses)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE, info.value
+    assert _reason(info.value) == "unavailable"
+    assert await stopping == 0
+    restarted = await broker.restart()
+    async with grpc.aio.insecure_channel(restarted.address) as channel:
+        stored = await _newest(api_pb2_grpc.APIStub(channel), "s") + 1
+    assert not any(r.HasField("asyncError") for r in responses)
+    # One NATS connection keeps the call's messages in order: the stored ones are the first
+    # `stored` requests, request i at offset i, and each was acked exactly once.
+    assert len(responses) == stored, f"{len(responses)} acks for {stored} stored of {count}"
+    assert sorted(r.ack.offset for r in responses) == list(range(stored))
+    assert all(int(r.correlationId) == r.ack.offset for r in responses)
 
 
 # -- PublishToSubject ----------------------------------------------------------------------------
@@ -626,10 +667,72 @@ async def test_publish_async_ends_slow_consumer_when_responses_pile_up(
     assert router.routes == 0  # the call's inbox is gone
 
 
-async def test_publish_async_closing_ends_with_unavailable(local: BrokerContext) -> None:
+async def test_publish_async_during_shutdown_ends_with_unavailable(local: BrokerContext) -> None:
     closing = asyncio.Event()
     closing.set()
+    requests = _Requests(1)
     with pytest.raises(FluxStatus) as info:
-        async for _ in publish_module.publish_async(local, _Requests(1)(), closing):
+        async for _ in publish_module.publish_async(local, requests(), closing):
             pass  # pragma: no cover
     assert info.value.entry.name == "UNAVAILABLE"
+    assert requests.taken_at == []
+
+
+class _ThenShutDown:
+    """Requests to stream ``s``; after the last, the broker shuts down and the client waits."""
+
+    def __init__(self, count: int, closing: asyncio.Event) -> None:
+        self.count = count
+        self.closing = closing
+        self.closed_at = 0.0
+        self.reading_stopped = False  # the call stopped waiting for the next request
+
+    async def __call__(self) -> AsyncIterator[api_pb2.PublishRequest]:
+        for i in range(self.count):
+            yield api_pb2.PublishRequest(stream="s", value=b"v", correlationId=str(i))
+        # Taken as soon as the last message went to NATS: its ack, at least, is still due.
+        self.closing.set()
+        self.closed_at = time.monotonic()
+        try:
+            await asyncio.Event().wait()  # the client sends nothing more
+        except asyncio.CancelledError:
+            self.reading_stopped = True
+            raise
+        yield api_pb2.PublishRequest()  # pragma: no cover -- never reached
+
+
+async def test_publish_async_shutdown_sends_the_acks_still_due(local: BrokerContext) -> None:
+    closing = asyncio.Event()
+    requests = _ThenShutDown(3, closing)
+    responses: list[api_pb2.PublishResponse] = []
+    with pytest.raises(FluxStatus) as info:
+        await _collect(publish_module.publish_async(local, requests(), closing), responses)
+    assert info.value.entry.name == "UNAVAILABLE"
+    assert [(r.correlationId, r.ack.offset) for r in responses] == [("0", 0), ("1", 1), ("2", 2)]
+    assert requests.reading_stopped
+    assert local.acks.routes == 0
+
+
+async def test_publish_async_shutdown_waits_for_due_acks_only_so_long(
+    local: BrokerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The partition leader is stopped: the acks due never come.
+    monkeypatch.setattr(publish_module, "PUBLISH_ASYNC_SHUTDOWN_DRAIN_S", 0.3)
+    partition = local.streams.partition("s", 0)
+    assert partition is not None
+    await partition.leader.stop()
+    closing = asyncio.Event()
+    requests = _ThenShutDown(2, closing)
+    with pytest.raises(FluxStatus) as info:
+        async for _ in publish_module.publish_async(local, requests(), closing):
+            pass  # pragma: no cover
+    waited = time.monotonic() - requests.closed_at
+    assert info.value.entry.name == "UNAVAILABLE"
+    assert requests.reading_stopped
+    assert 0.29 <= waited < DEADLINE_S
+
+
+def test_publish_async_shutdown_drain_ends_within_the_servers_grace() -> None:
+    # Past the grace the server cancels the call, and the client gets neither the last acks
+    # nor UNAVAILABLE.
+    assert publish_module.PUBLISH_ASYNC_SHUTDOWN_DRAIN_S < SHUTDOWN_GRACE_S

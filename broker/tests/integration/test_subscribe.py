@@ -375,6 +375,20 @@ async def test_stop_timestamp_delivers_later_records(api: Stub, broker: BrokerPr
     call.cancel()
 
 
+async def test_stop_timestamp_passing_without_records_ends_the_stream(api: Stub) -> None:
+    # The subscription waits at the end until the stop time passes (its wait times out), then
+    # ends with STOP_REACHED; the timed-out read must not end the call as cancelled.
+    await _create(api, "s")
+    half_a_second_ns = 500_000_000
+    call = _subscribe(
+        api,
+        "s",
+        stopPosition=api_pb2.STOP_TIMESTAMP,
+        stopTimestamp=time.time_ns() + half_a_second_ns,
+    )
+    assert await _stopped_values(call) == []
+
+
 async def test_new_only_and_stop_latest_on_records_ends_at_once(
     api: Stub, broker: BrokerProcess
 ) -> None:

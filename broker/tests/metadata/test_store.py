@@ -30,6 +30,10 @@ from flux_broker.metadata import (
     MetadataStorageError,
     Partition,
     PartitionAssignment,
+    PartitionNotFoundError,
+    PauseStream,
+    ResumeStream,
+    SetStreamReadonly,
     SqliteMetadataStore,
     StaleIndexError,
     Stream,
@@ -183,18 +187,18 @@ async def test_a_later_migration_upgrades_a_database_with_data(db_path: Path) ->
         await store.apply(create("s"))
     step = schema.Migration(
         version=len(schema.MIGRATIONS) + 1,
-        name="partition pause flag",
+        name="a future partition column",
         statements=(
-            "ALTER TABLE partitions ADD COLUMN paused INTEGER NOT NULL DEFAULT 0 "
-            "CHECK (paused IN (0, 1))",
+            "ALTER TABLE partitions ADD COLUMN future INTEGER NOT NULL DEFAULT 7 "
+            "CHECK (future >= 0)",
         ),
     )
     db = await aiosqlite.connect(db_path, isolation_level=None)
     try:
         assert await schema.migrate(db, (*schema.MIGRATIONS, step)) == step.version
         assert await schema.migrate(db, (*schema.MIGRATIONS, step)) == step.version
-        rows = list(await db.execute_fetchall("SELECT stream_name, paused FROM partitions"))
-        assert rows == [("s", 0)]
+        rows = list(await db.execute_fetchall("SELECT stream_name, future FROM partitions"))
+        assert rows == [("s", 7)]
     finally:
         await db.close()
     # This Flux knows only the older schema and refuses the newer database, untouched.
@@ -497,14 +501,64 @@ def creates(draw: st.DrawFn) -> CreateStream:
     )
 
 
-COMMANDS: Final = st.lists(creates() | NAMES.map(DeleteStream), max_size=25)
+#: Partition ids of lifecycle commands: up to 3 distinct ids, some beyond every stream's count.
+PARTITION_IDS: Final = st.lists(st.integers(0, 3), unique=True, max_size=3).map(tuple)
+TIMESTAMPS: Final = st.integers(1, INT64_MAX)
+LIFECYCLE: Final = (
+    st.builds(
+        PauseStream,
+        name=NAMES,
+        partitions=PARTITION_IDS,
+        resume_all=st.booleans(),
+        timestamp_ns=TIMESTAMPS,
+    )
+    | st.builds(ResumeStream, name=NAMES, partitions=PARTITION_IDS, timestamp_ns=TIMESTAMPS)
+    | st.builds(
+        SetStreamReadonly,
+        name=NAMES,
+        partitions=PARTITION_IDS,
+        readonly=st.booleans(),
+        timestamp_ns=TIMESTAMPS,
+    )
+)
+COMMANDS: Final = st.lists(creates() | NAMES.map(DeleteStream) | LIFECYCLE, max_size=25)
 _example_dirs = itertools.count()
+
+Lifecycle = PauseStream | ResumeStream | SetStreamReadonly
+
+
+def _with_flag(partition: Partition, command: Lifecycle) -> Partition:
+    """The model of one partition after ``command`` (which names it)."""
+    ts = command.timestamp_ns
+    if isinstance(command, SetStreamReadonly):
+        if partition.readonly == command.readonly:
+            return partition
+        return dataclasses.replace(
+            partition,
+            readonly=command.readonly,
+            readonly_first_ns=partition.readonly_first_ns or ts,
+            readonly_latest_ns=ts,
+        )
+    paused = isinstance(command, PauseStream)
+    if partition.paused == paused:
+        return partition
+    return dataclasses.replace(
+        partition, paused=paused, pause_first_ns=partition.pause_first_ns or ts, pause_latest_ns=ts
+    )
+
+
+def model_lifecycle(stream: Stream, command: Lifecycle) -> Stream:
+    """The model of ``stream`` after a lifecycle command whose partition ids all exist."""
+    ids = set(command.partitions or range(len(stream.partitions)))
+    partitions = tuple(_with_flag(p, command) if p.id in ids else p for p in stream.partitions)
+    resume_all = command.resume_all if isinstance(command, PauseStream) else stream.resume_all
+    return dataclasses.replace(stream, partitions=partitions, resume_all=resume_all)
 
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(commands=COMMANDS)
 async def test_random_commands_match_a_dict_model(
-    data_dir: Path, commands: list[CreateStream | DeleteStream]
+    data_dir: Path, commands: list[CreateStream | DeleteStream | Lifecycle]
 ) -> None:
     path = Path(tempfile.mkdtemp(dir=data_dir, prefix=f"ex{next(_example_dirs)}-")) / "m.db"
     model: dict[str, Stream] = {}
@@ -519,13 +573,20 @@ async def test_random_commands_match_a_dict_model(
                     index += 1
                     assert (await store.apply(command)).index == index
                     model[command.name] = expected_stream(command, index)
-                case DeleteStream() if command.name not in model:
+                case _ if command.name not in model:
                     with pytest.raises(StreamNotFoundError):
                         await store.apply(command)
                 case DeleteStream():
                     index += 1
                     assert (await store.apply(command)).index == index
                     del model[command.name]
+                case _ if any(i >= len(model[command.name].partitions) for i in command.partitions):
+                    with pytest.raises(PartitionNotFoundError):
+                        await store.apply(command)
+                case _:
+                    index += 1
+                    assert (await store.apply(command)).index == index
+                    model[command.name] = model_lifecycle(model[command.name], command)
             assert store.applied_index == index
         assert await store.list_streams() == tuple(model[n] for n in sorted(model))
     async with await SqliteMetadataStore.open(path) as store:

@@ -1620,6 +1620,7 @@ class StreamMetadata(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
     CREATIONTIMESTAMP_FIELD_NUMBER: _builtins.int
+    EFFECTIVECONFIG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the stream."""
     subject: _builtins.str
@@ -1632,6 +1633,12 @@ class StreamMetadata(_message.Message):
     def partitions(self) -> _containers.MessageMap[_builtins.int, Global___PartitionMetadata]:
         """The stream's partitions, keyed by partition id."""
 
+    @_builtins.property
+    def effectiveConfig(self) -> Global___EffectiveStreamConfig:
+        """Flux extension: the settings the stream runs with, its CreateStream
+        overrides applied over the broker's defaults. Unset for UNKNOWN_STREAM.
+        """
+
     def __init__(
         self,
         *,
@@ -1640,14 +1647,90 @@ class StreamMetadata(_message.Message):
         error: Global___StreamMetadata.Error.ValueType = ...,
         partitions: _abc.Mapping[_builtins.int, Global___PartitionMetadata] | None = ...,
         creationTimestamp: _builtins.int = ...,
+        effectiveConfig: Global___EffectiveStreamConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effectiveConfig", b"effectiveConfig"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creationTimestamp", b"creationTimestamp", "error", b"error", "name", b"name", "partitions", b"partitions", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creationTimestamp", b"creationTimestamp", "effectiveConfig", b"effectiveConfig", "error", b"error", "name", b"name", "partitions", b"partitions", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamMetadata: _TypeAlias = StreamMetadata  # noqa: Y015
+
+@_typing.final
+class EffectiveStreamConfig(_message.Message):
+    """Flux extension: the settings a stream runs with. Every field is set: the
+    value from the stream's CreateStreamRequest if it set one, the broker's
+    default (its streams.* configuration) otherwise. Durations are in
+    milliseconds, as in CreateStreamRequest; 0 means no limit for the
+    retention limits and off for autoPauseTime.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTIONMAXBYTES_FIELD_NUMBER: _builtins.int
+    RETENTIONMAXMESSAGES_FIELD_NUMBER: _builtins.int
+    RETENTIONMAXAGE_FIELD_NUMBER: _builtins.int
+    CLEANERINTERVAL_FIELD_NUMBER: _builtins.int
+    SEGMENTMAXBYTES_FIELD_NUMBER: _builtins.int
+    SEGMENTMAXAGE_FIELD_NUMBER: _builtins.int
+    COMPACTMAXGOROUTINES_FIELD_NUMBER: _builtins.int
+    COMPACTENABLED_FIELD_NUMBER: _builtins.int
+    AUTOPAUSETIME_FIELD_NUMBER: _builtins.int
+    AUTOPAUSEDISABLEIFSUBSCRIBERS_FIELD_NUMBER: _builtins.int
+    MINISR_FIELD_NUMBER: _builtins.int
+    OPTIMISTICCONCURRENCYCONTROL_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
+    retentionMaxBytes: _builtins.int
+    """Largest log size before the oldest segments are deleted, in bytes."""
+    retentionMaxMessages: _builtins.int
+    """Most records kept before the oldest segments are deleted."""
+    retentionMaxAge: _builtins.int
+    """Age after which a segment is deleted, in milliseconds."""
+    cleanerInterval: _builtins.int
+    """How often retention and compaction run, in milliseconds."""
+    segmentMaxBytes: _builtins.int
+    """Size at which a new segment is started, in bytes."""
+    segmentMaxAge: _builtins.int
+    """Age at which a new segment is started, in milliseconds."""
+    compactMaxGoroutines: _builtins.int
+    """Compaction parallelism (accepted for compatibility)."""
+    compactEnabled: _builtins.bool
+    """Whether only the newest record per key is kept."""
+    autoPauseTime: _builtins.int
+    """Idle time after which a partition pauses itself, in milliseconds."""
+    autoPauseDisableIfSubscribers: _builtins.bool
+    """Whether partitions with subscribers never pause themselves."""
+    minIsr: _builtins.int
+    """In-sync replicas needed to commit a write."""
+    optimisticConcurrencyControl: _builtins.bool
+    """Whether publishes are checked against their expected offset."""
+    encryption: _builtins.bool
+    """Whether values are encrypted at rest."""
+    def __init__(
+        self,
+        *,
+        retentionMaxBytes: _builtins.int = ...,
+        retentionMaxMessages: _builtins.int = ...,
+        retentionMaxAge: _builtins.int = ...,
+        cleanerInterval: _builtins.int = ...,
+        segmentMaxBytes: _builtins.int = ...,
+        segmentMaxAge: _builtins.int = ...,
+        compactMaxGoroutines: _builtins.int = ...,
+        compactEnabled: _builtins.bool = ...,
+        autoPauseTime: _builtins.int = ...,
+        autoPauseDisableIfSubscribers: _builtins.bool = ...,
+        minIsr: _builtins.int = ...,
+        optimisticConcurrencyControl: _builtins.bool = ...,
+        encryption: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoPauseDisableIfSubscribers", b"autoPauseDisableIfSubscribers", "autoPauseTime", b"autoPauseTime", "cleanerInterval", b"cleanerInterval", "compactEnabled", b"compactEnabled", "compactMaxGoroutines", b"compactMaxGoroutines", "encryption", b"encryption", "minIsr", b"minIsr", "optimisticConcurrencyControl", b"optimisticConcurrencyControl", "retentionMaxAge", b"retentionMaxAge", "retentionMaxBytes", b"retentionMaxBytes", "retentionMaxMessages", b"retentionMaxMessages", "segmentMaxAge", b"segmentMaxAge", "segmentMaxBytes", b"segmentMaxBytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectiveStreamConfig: _TypeAlias = EffectiveStreamConfig  # noqa: Y015
 
 @_typing.final
 class ConsumerGroupMetadata(_message.Message):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import grpc
 from nats.aio.client import Client
 
 from flux_broker.clock import Clock
+from flux_broker.cursors import CursorStore
+from flux_broker.metadata import StreamConfig
 from flux_broker.nats.acks import AckRouter
 from flux_broker.streams.manager import StreamManager
 
@@ -33,6 +35,10 @@ class BrokerContext:
         nc: The broker's NATS connection.
         acks: Routes acks to the publish calls waiting for them (one subscription, on ``nc``).
         clock: The broker's clock.
+        stream_defaults: The broker's default for every stream setting (``streams.*``), fully
+            set, for the effective configuration FetchMetadata reports.
+        cursors: The cursor store (SetCursor, FetchCursor); ``None`` serves no cursors, as
+            when ``cursors.stream.partitions`` is 0.
     """
 
     broker_id: str
@@ -44,3 +50,5 @@ class BrokerContext:
     nc: Client
     acks: AckRouter
     clock: Clock
+    stream_defaults: StreamConfig = field(default_factory=StreamConfig)
+    cursors: CursorStore | None = None

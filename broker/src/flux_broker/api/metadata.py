@@ -4,39 +4,50 @@ Liftbridge semantics (reference ``liftbridge-api.md`` §1.5): the brokers list c
 address clients should dial (``--host``/``--port``, not the bind address); a requested stream
 that does not exist is an entry with ``UNKNOWN_STREAM``, not an error; an empty request lists
 every stream. Requested consumer groups are reported ``UNKNOWN_GROUP`` until groups exist.
+
+Every ``PartitionMetadata`` carries all three event-timestamp messages, as Liftbridge's does:
+clients read them unconditionally (Liftbridge.Net converts each one and fails on a missing
+message); an event that never happened has both timestamps zero. A paused partition is listed
+like any other (its leader too), with ``paused`` set, the offsets it had when it was paused,
+and the reception times of messages since the broker started.
 """
 
 from __future__ import annotations
 
 from flux_broker.api.context import BrokerContext
 from flux_broker.api.status import FluxStatus
+from flux_broker.streams.effective_config import effective_config
 from flux_broker.streams.manager import LivePartition, LiveStream
 from flux_proto import api_pb2
 
 __all__ = ["fetch_metadata", "fetch_partition_metadata", "partition_metadata"]
 
 
+def _timestamps(first_ns: int, latest_ns: int) -> api_pb2.PartitionEventTimestamps:
+    """Event timestamps, explicitly present even when both are zero (never happened)."""
+    return api_pb2.PartitionEventTimestamps(firstTimestamp=first_ns, latestTimestamp=latest_ns)
+
+
 def partition_metadata(partition: LivePartition) -> api_pb2.PartitionMetadata:
-    """The ``PartitionMetadata`` of a partition: assignment, offsets and event times."""
+    """The ``PartitionMetadata`` of a partition: assignment, offsets, flags and event times."""
     meta = partition.metadata
-    stats = partition.leader.stats
+    stats = partition.stats
     return api_pb2.PartitionMetadata(
         id=partition.id,
         leader=meta.leader,
         replicas=meta.replicas,
         isr=meta.isr,
-        highWatermark=partition.log.high_watermark,
-        newestOffset=partition.log.newest_offset,
-        paused=False,
-        readonly=False,
-        messagesReceivedTimestamps=api_pb2.PartitionEventTimestamps(
-            firstTimestamp=stats.first_received_ns,
-            latestTimestamp=stats.latest_received_ns,
-        ),
+        highWatermark=partition.high_watermark,
+        newestOffset=partition.newest_offset,
+        paused=partition.paused,
+        readonly=meta.readonly,
+        messagesReceivedTimestamps=_timestamps(stats.first_received_ns, stats.latest_received_ns),
+        pauseTimestamps=_timestamps(meta.pause_first_ns, meta.pause_latest_ns),
+        readonlyTimestamps=_timestamps(meta.readonly_first_ns, meta.readonly_latest_ns),
     )
 
 
-def _stream_metadata(stream: LiveStream) -> api_pb2.StreamMetadata:
+def _stream_metadata(broker: BrokerContext, stream: LiveStream) -> api_pb2.StreamMetadata:
     meta = stream.metadata
     return api_pb2.StreamMetadata(
         name=meta.name,
@@ -44,6 +55,7 @@ def _stream_metadata(stream: LiveStream) -> api_pb2.StreamMetadata:
         error=api_pb2.StreamMetadata.Error.OK,
         partitions={partition.id: partition_metadata(partition) for partition in stream.partitions},
         creationTimestamp=meta.creation_timestamp_ns,
+        effectiveConfig=effective_config(broker.stream_defaults, meta.config),
     )
 
 
@@ -79,9 +91,9 @@ async def fetch_metadata(
                     )
                 )
             else:
-                response.streamMetadata.append(_stream_metadata(live))
+                response.streamMetadata.append(_stream_metadata(broker, live))
     else:
-        response.streamMetadata.extend(_stream_metadata(live) for live in streams.streams())
+        response.streamMetadata.extend(_stream_metadata(broker, live) for live in streams.streams())
     for group in dict.fromkeys(request.groups):
         response.groupMetadata.append(
             api_pb2.ConsumerGroupMetadata(

@@ -55,7 +55,7 @@ from flux_broker.api.publish_request import (
     encoded,
     message_of,
     nats_failures,
-    target,
+    resumed_target,
 )
 from flux_broker.api.status import FluxStatus
 from flux_broker.nats.acks import listen
@@ -164,7 +164,7 @@ async def publish(
             row, or UNAVAILABLE when NATS failed.
     """
     try:
-        partition = target(broker, request)
+        partition = await resumed_target(broker, request)
         check_ack_inbox(broker, request.ackInbox)
         ack = await _deliver(
             broker, partition.subject, message_of(request), request.ackInbox, deadline_s

@@ -5,10 +5,22 @@ it is sent as ``PublishResponse(correlationId=ack.correlationId, ack=ack)``; an 
 error also gets an ``asyncError`` (Liftbridge's ``convertAckError``: INCORRECT_OFFSET →
 INCORRECT_OFFSET, TOO_LARGE → BAD_REQUEST, ENCRYPTION → ENCRYPTION_FAILED, other → UNKNOWN).
 A request that fails a check does not end the call: it is answered with its correlation id,
-an ``asyncError`` (BAD_REQUEST or NOT_FOUND) and an ``ack`` that is present but empty
-(Liftbridge's shim for clients older than ``asyncError``). Requests with policy NONE get no
-response. When the client half-closes, the call waits up to :data:`PUBLISH_ASYNC_DRAIN_S` for
-acks still due, then ends OK; broker shutdown ends it with UNAVAILABLE. At most
+an ``asyncError`` (BAD_REQUEST, NOT_FOUND or READONLY) and an ``ack`` that is present but
+empty (Liftbridge's shim for clients older than ``asyncError``). A request to a paused
+partition resumes it first (see :mod:`~flux_broker.api.publish_request`). Requests with policy
+NONE get no response. When the client half-closes, the call waits up to
+:data:`PUBLISH_ASYNC_DRAIN_S` for acks still due, then ends OK.
+
+**Broker shutdown** (the API's ``closing`` event) stops the call from reading requests: those
+the client sent but the call had not read yet are not published. Messages already published
+are still stored and acked by their partitions, which run until the gRPC server's grace
+(:data:`flux_broker.server.SHUTDOWN_GRACE_S`) ends, so the call goes on sending the acks still
+due for up to :data:`PUBLISH_ASYNC_SHUTDOWN_DRAIN_S` (shorter than the grace, so its ending
+reaches the client) and then ends with UNAVAILABLE. A client thus gets the ack of every
+message it sent that was stored, and republishes only the others; ending at once would make a
+Liftbridge client retry stored messages and store them twice.
+
+At most
 :data:`PUBLISH_ASYNC_IN_FLIGHT_MAX` requests awaiting an ack plus responses not yet sent are
 held per call: past that, requests are not read until the client drains (backpressure, nothing
 dropped); acks due for :data:`PUBLISH_ASYNC_ACK_LOST_S` without any arriving are presumed lost,
@@ -42,7 +54,7 @@ from flux_broker.api.publish_request import (
     encoded,
     message_of,
     nats_failures,
-    target,
+    resumed_target,
 )
 from flux_broker.api.status import UNAVAILABLE_MESSAGE, FluxStatus
 from flux_proto import api_pb2
@@ -52,6 +64,7 @@ __all__ = [
     "PUBLISH_ASYNC_BUFFERED_MAX",
     "PUBLISH_ASYNC_DRAIN_S",
     "PUBLISH_ASYNC_IN_FLIGHT_MAX",
+    "PUBLISH_ASYNC_SHUTDOWN_DRAIN_S",
     "publish_async",
 ]
 
@@ -66,6 +79,10 @@ PUBLISH_ASYNC_IN_FLIGHT_MAX: Final = 64 * 1024
 PUBLISH_ASYNC_BUFFERED_MAX: Final = 4 * PUBLISH_ASYNC_IN_FLIGHT_MAX
 #: After the client half-closes PublishAsync, how long the call waits for acks still due.
 PUBLISH_ASYNC_DRAIN_S: Final = 5.0
+#: Once the broker begins to shut down, how long a PublishAsync call waits for acks still due
+#: before it ends with UNAVAILABLE. Below :data:`flux_broker.server.SHUTDOWN_GRACE_S` (5 s), the
+#: time in-flight calls get before the server cancels them, so the acks and the status arrive.
+PUBLISH_ASYNC_SHUTDOWN_DRAIN_S: Final = 4.0
 #: When a PublishAsync call is full of requests awaiting acks and no ack has arrived for this
 #: long, those acks are presumed lost (a deleted stream, a leader that dropped messages) and
 #: no longer hold the call up. Liftbridge clients give up on an ack after 5 s by default.
@@ -112,6 +129,8 @@ class _PublishAsyncCall:
         self._due_total = 0
         self._acks_received = 0
         self._overflowed = False
+        self._reader: asyncio.Task[None] | None = None
+        self._stopped_reading = False  # the broker is shutting down
 
     async def responses(
         self, requests: AsyncIterator[api_pb2.PublishRequest]
@@ -123,8 +142,9 @@ class _PublishAsyncCall:
         # into a status.
         with nats_failures():
             async with self._router.route(self._inbox, self._on_ack):
+                self._reader = asyncio.create_task(self._read(requests), name="publish-async-read")
                 tasks = (
-                    asyncio.create_task(self._read(requests), name="publish-async-read"),
+                    self._reader,
                     asyncio.create_task(self._watch_closing(), name="publish-async-closing"),
                 )
                 try:
@@ -137,8 +157,16 @@ class _PublishAsyncCall:
                     await asyncio.wait(tasks)
 
     async def _drain_events(self) -> AsyncGenerator[api_pb2.PublishResponse, None]:
+        """Yield responses until the call ends.
+
+        Once the client half-closed or the broker began to shut down, the call drains: it
+        waits, until ``drain_until``, only for the acks still due, and yields those that came.
+        Responses already queued when that time passes are yielded all the same: they are
+        acks of stored messages, and the gRPC server's grace bounds sending them.
+        """
         loop = asyncio.get_running_loop()
-        drain_until: float | None = None  # set once the client half-closed
+        drain_until: float | None = None  # set once the client half-closed or closing began
+        closing = False
         while drain_until is None or self._due_total > 0 or not self._events.empty():
             if self._overflowed:  # checked first: the queue behind it may be long
                 raise FluxStatus.from_entry(
@@ -157,13 +185,35 @@ class _PublishAsyncCall:
             elif isinstance(event, _Failure):
                 raise event.error
             elif event is _Signal.HALF_CLOSED:
-                drain_until = loop.time() + PUBLISH_ASYNC_DRAIN_S
+                drain_until = _earliest(drain_until, loop.time() + PUBLISH_ASYNC_DRAIN_S)
             elif event is _Signal.CLOSING:
-                raise FluxStatus.from_entry("UNAVAILABLE", UNAVAILABLE_MESSAGE)
+                closing = True
+                self._stop_reading()
+                drain_until = _earliest(drain_until, loop.time() + PUBLISH_ASYNC_SHUTDOWN_DRAIN_S)
         while not self._events.empty():  # acks that arrived before draining timed out
             event = self._events.get_nowait()
             if isinstance(event, api_pb2.PublishResponse):
                 yield event
+        if closing:
+            if self._due_total > 0:
+                _logger.warning(
+                    "PublishAsync: shutting down with %d ack(s) still due after %gs",
+                    self._due_total,
+                    PUBLISH_ASYNC_SHUTDOWN_DRAIN_S,
+                )
+            raise FluxStatus.from_entry("UNAVAILABLE", UNAVAILABLE_MESSAGE)
+
+    def _stop_reading(self) -> None:
+        """Read no more requests: cancel the reader where it waits (a request, room).
+
+        A request read but still waiting for room is not published. One the reader is handing
+        to NATS is already in the NATS client's outbound buffer (nats-py appends before its
+        first wait and swallows a cancel that lands in its flush), so it is sent, its ack
+        stays due, and the reader stops right after.
+        """
+        self._stopped_reading = True
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def _watch_closing(self) -> None:
         await self._closing.wait()
@@ -174,6 +224,8 @@ class _PublishAsyncCall:
             async for request in requests:
                 await self._wait_for_room()
                 await self._publish(request)
+                if self._stopped_reading:  # nats-py swallows a cancel that lands in its flush
+                    return
         except Exception as error:  # noqa: BLE001 -- the call ends with its status
             self._events.put_nowait(_Failure(error))
         else:
@@ -201,7 +253,7 @@ class _PublishAsyncCall:
 
     async def _publish(self, request: api_pb2.PublishRequest) -> None:
         try:
-            partition = target(self._broker, request)
+            partition = await resumed_target(self._broker, request)
             message = message_of(request)
             message.ackInbox = self._inbox
             data = encoded(message, self._broker.record_max_bytes)
@@ -232,6 +284,10 @@ class _PublishAsyncCall:
         self._due_total -= 1
 
 
+def _earliest(deadline: float | None, other: float) -> float:
+    return other if deadline is None else min(deadline, other)
+
+
 async def publish_async(
     broker: BrokerContext,
     requests: AsyncIterator[api_pb2.PublishRequest],
@@ -242,7 +298,9 @@ async def publish_async(
     Args:
         broker: The broker.
         requests: The client's requests, until it half-closes.
-        closing: Set when the broker shuts down; the call then ends with UNAVAILABLE.
+        closing: Set when the broker shuts down; the call then reads no more requests, sends
+            the acks still due for up to :data:`PUBLISH_ASYNC_SHUTDOWN_DRAIN_S` and ends with
+            UNAVAILABLE.
 
     Yields:
         One response per ack (with ``asyncError`` when the ack carries an error) and one per

@@ -2,7 +2,8 @@
 
 **Checks** come first and change nothing; a request that fails one publishes nothing. In
 order: stream named (INVALID_ARGUMENT), stream exists (STREAM_NOT_FOUND), partition exists
-(PARTITION_NOT_FOUND), ``ackPolicy`` is a defined value (proto3 keeps unknown numbers), an OCC
+(PARTITION_NOT_FOUND), partition not read-only (READONLY: FAILED_PRECONDITION / asyncError
+READONLY), ``ackPolicy`` is a defined value (proto3 keeps unknown numbers), an OCC
 stream is not published to with policy NONE, a client-chosen ``ackInbox`` is a literal subject
 outside the broker's own inbox space, headers within :data:`HEADERS_MAX` and
 :data:`HEADER_NAME_MAX_BYTES`, and the encoded envelope within ``record_max_bytes``
@@ -10,6 +11,14 @@ outside the broker's own inbox space, headers within :data:`HEADERS_MAX` and
 anyway, and NATS refuses payloads over its ``max_payload``. A failed check is a
 :class:`RejectedError`: a status for the unary RPCs, an ``asyncError`` response for
 PublishAsync.
+
+**Resuming.** Publish and PublishAsync then resume a paused partition (every paused partition
+of its stream when it was paused with ``resumeAll``), as Liftbridge does after its checks, and
+publish only once the partition's leader is subscribed again. A stream deleted meanwhile is
+STREAM_NOT_FOUND; a resume that fails otherwise is STORAGE_FAILED (the metadata store),
+UNAVAILABLE (the broker is shutting down) or INTERNAL (a log that cannot be opened).
+PublishToSubject never resumes: like a raw NATS publish, it only reaches partitions that are
+running.
 
 **Ack errors** map as Liftbridge maps them: TOO_LARGE → MESSAGE_TOO_LARGE / BAD_REQUEST,
 INCORRECT_OFFSET → INCORRECT_OFFSET (UNKNOWN) / INCORRECT_OFFSET, ENCRYPTION →
@@ -29,7 +38,13 @@ from typing import Final
 import nats.errors
 
 from flux_broker.api.context import BrokerContext
-from flux_broker.api.status import FluxStatus
+from flux_broker.api.status import STORAGE_FAILED_MESSAGE, UNAVAILABLE_MESSAGE, FluxStatus
+from flux_broker.metadata import (
+    MetadataClosedError,
+    MetadataStorageError,
+    PartitionNotFoundError,
+    StreamNotFoundError,
+)
 from flux_broker.nats.acks import AckRouterFullError
 from flux_broker.nats.envelope import encode_message
 from flux_broker.nats.subjects import (
@@ -58,6 +73,7 @@ __all__ = [
     "encoded",
     "message_of",
     "nats_failures",
+    "resumed_target",
     "target",
 ]
 
@@ -72,6 +88,10 @@ Code = api_pb2.PublishAsyncError.Code
 AckError = api_pb2.Ack.Error
 NONE: Final = api_pb2.AckPolicy.NONE
 _ACK_POLICIES: Final = frozenset(api_pb2.AckPolicy.values())
+_RESUME_FAILED_MESSAGE: Final = (
+    "the paused partition could not be resumed; nothing was published (the broker log has "
+    "the details)"
+)
 _NATS_FAILED_MESSAGE: Final = (
     "the broker could not reach NATS; the message may or may not have been published"
 )
@@ -149,6 +169,13 @@ def target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartit
             f"stream {shown(request.stream)} has no partition {request.partition} "
             f"(its partitions are 0..{count - 1})",
         )
+    partition = stream.partitions[request.partition]
+    if partition.readonly:
+        raise RejectedError(
+            "READONLY",
+            Code.READONLY,
+            f"stream {shown(request.stream)} partition {request.partition} is read-only",
+        )
     check_ack_policy(request.ackPolicy)
     if stream.metadata.config.optimistic_concurrency_control and request.ackPolicy == NONE:
         raise bad_request(
@@ -156,7 +183,30 @@ def target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartit
             "ackPolicy NONE is not allowed"
         )
     check_headers(request.headers)
-    return stream.partitions[request.partition]
+    return partition
+
+
+async def resumed_target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartition:
+    """:func:`target`, resumed if it is paused (see the module docstring)."""
+    partition = target(broker, request)
+    if partition.paused:
+        try:
+            await broker.streams.resume(partition.stream, partition.id)
+        except (StreamNotFoundError, PartitionNotFoundError):
+            raise RejectedError(
+                "STREAM_NOT_FOUND", Code.NOT_FOUND, f"no stream {shown(request.stream)}"
+            ) from None
+        except MetadataClosedError:
+            raise RejectedError("UNAVAILABLE", Code.INTERNAL, UNAVAILABLE_MESSAGE) from None
+        except MetadataStorageError:
+            _logger.exception("publish: could not record the resume of %r", partition.stream)
+            raise RejectedError("STORAGE_FAILED", Code.INTERNAL, STORAGE_FAILED_MESSAGE) from None
+        except Exception:
+            _logger.exception(
+                "publish: could not resume stream %r partition %d", partition.stream, partition.id
+            )
+            raise RejectedError("INTERNAL", Code.INTERNAL, _RESUME_FAILED_MESSAGE) from None
+    return partition
 
 
 def check_ack_policy(policy: int) -> None:

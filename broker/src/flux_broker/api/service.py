@@ -1,12 +1,13 @@
 """The gRPC service ``proto.API``: each method checks, then hands over to its module.
 
 One module per RPC family: :mod:`~flux_broker.api.admin` (CreateStream, DeleteStream),
+:mod:`~flux_broker.api.lifecycle` (PauseStream, SetStreamReadonly),
 :mod:`~flux_broker.api.metadata` (FetchMetadata, FetchPartitionMetadata),
 :mod:`~flux_broker.api.publish` (Publish, PublishAsync, PublishToSubject) and
 :mod:`~flux_broker.api.subscribe` (Subscribe). Every method is wrapped by
 :func:`~flux_broker.api.status.guarded`, so whatever it raises ends the call with a status from
-the one error table. RPCs of features that do not exist yet (pause, readonly, cursors,
-consumer groups) answer UNIMPLEMENTED with reason ``unimplemented``.
+the one error table. RPCs of features that do not exist yet (consumer groups) answer
+UNIMPLEMENTED with reason ``unimplemented``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from flux_broker.api import admin, metadata, publish, subscribe
+from flux_broker.api import admin, cursors, lifecycle, metadata, publish, subscribe
 from flux_broker.api.context import BrokerContext, ServicerContext
 from flux_broker.api.status import FluxStatus, guarded
 from flux_proto import api_pb2, api_pb2_grpc
@@ -61,15 +62,15 @@ class ApiService(api_pb2_grpc.APIServicer):
     async def PauseStream(
         self, request: api_pb2.PauseStreamRequest, context: ServicerContext
     ) -> api_pb2.PauseStreamResponse:
-        """Not implemented yet."""
-        raise _unimplemented("PauseStream")
+        """See :func:`flux_broker.api.lifecycle.pause_stream`."""
+        return await lifecycle.pause_stream(self._broker, request)
 
     @guarded
     async def SetStreamReadonly(
         self, request: api_pb2.SetStreamReadonlyRequest, context: ServicerContext
     ) -> api_pb2.SetStreamReadonlyResponse:
-        """Not implemented yet."""
-        raise _unimplemented("SetStreamReadonly")
+        """See :func:`flux_broker.api.lifecycle.set_stream_readonly`."""
+        return await lifecycle.set_stream_readonly(self._broker, request)
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -129,15 +130,15 @@ class ApiService(api_pb2_grpc.APIServicer):
     async def SetCursor(
         self, request: api_pb2.SetCursorRequest, context: ServicerContext
     ) -> api_pb2.SetCursorResponse:
-        """Not implemented yet."""
-        raise _unimplemented("SetCursor")
+        """See :func:`flux_broker.api.cursors.set_cursor`."""
+        return await cursors.set_cursor(self._broker, request)
 
     @guarded
     async def FetchCursor(
         self, request: api_pb2.FetchCursorRequest, context: ServicerContext
     ) -> api_pb2.FetchCursorResponse:
-        """Not implemented yet."""
-        raise _unimplemented("FetchCursor")
+        """See :func:`flux_broker.api.cursors.fetch_cursor`."""
+        return await cursors.fetch_cursor(self._broker, request)
 
     @guarded
     async def JoinConsumerGroup(

@@ -13,6 +13,7 @@ error of its own is raised as :class:`FluxStatus`. :func:`status_for` picks the 
     FluxStatus                                     its own               its own
     StreamExistsError                              STREAM_EXISTS         ALREADY_EXISTS
     StreamNotFoundError                            STREAM_NOT_FOUND      NOT_FOUND
+    PartitionNotFoundError                         PARTITION_NOT_FOUND   NOT_FOUND
     InvalidNameError for a name starting "__"      STREAM_RESERVED       INVALID_ARGUMENT
     InvalidNameError, InvalidSubjectError,         INVALID_ARGUMENT      INVALID_ARGUMENT
       InvalidCommandError, InvalidBatchError
@@ -57,6 +58,7 @@ from flux_broker.metadata.errors import (
     InvalidCommandError,
     MetadataClosedError,
     MetadataStorageError,
+    PartitionNotFoundError,
     StreamExistsError,
     StreamNotFoundError,
 )
@@ -162,6 +164,9 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(StreamExistsError, by_name("STREAM_EXISTS")),
     # Liftbridge: DeleteStream and friends on an unknown stream are NotFound.
     _Rule(StreamNotFoundError, by_name("STREAM_NOT_FOUND")),
+    # Liftbridge: PauseStream / SetStreamReadonly naming a partition the stream lacks are
+    # NotFound (ErrNoSuchPartition in the Go client).
+    _Rule(PartitionNotFoundError, by_name("PARTITION_NOT_FOUND")),
     # Liftbridge: reserved names are InvalidArgument "Stream is reserved"; Flux reserves `__*`.
     _Rule(InvalidNameError, by_name("STREAM_RESERVED"), when=_is_reserved_name),
     # Liftbridge: bad names and subjects are InvalidArgument; the message names the problem.

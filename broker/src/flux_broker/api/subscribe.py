@@ -12,8 +12,12 @@ fields (``readISRReplica`` with a consumer, or a consumer without ``consumerId``
 ``groupId``: INVALID_ARGUMENT), the partition (NOT_FOUND "No such partition"), the start and
 stop positions (values proto3 passes through but the enums do not name: INVALID_ARGUMENT),
 then consumer groups themselves (UNIMPLEMENTED until they exist). ``readISRReplica`` alone is
-accepted (this broker leads every partition it holds) and ``resume`` is a no-op (no partition
-is ever paused yet).
+accepted (this broker leads every partition it holds).
+
+**Paused partitions**: with ``resume`` the partition is resumed first (every paused partition
+of its stream if it was paused with ``resumeAll``; a failure is INTERNAL, a stream deleted
+meanwhile STREAM_NOT_FOUND); without it the call fails with PARTITION_PAUSED
+(FAILED_PRECONDITION) before the handshake.
 
 **Start offset** (committed records only)::
 
@@ -39,10 +43,19 @@ Reaching the stop ends the stream with STOP_REACHED (RESOURCE_EXHAUSTED "Stop of
 reached"); a stop already behind the start (``NEW_ONLY`` with ``STOP_LATEST`` on a partition
 that has records) sends the handshake and ends the same way.
 
+**Read-only partitions** end where they end: a subscriber that has delivered every committed
+record of a read-only partition (its next offset is past the HW) ends with READONLY_END
+(RESOURCE_EXHAUSTED "End of readonly partition", reason ``readonly-end``), whatever its stop
+position, unless that stop is reached first. A subscriber waiting at the end when the
+partition becomes read-only is woken and ends the same way; ``NEW_ONLY`` on a read-only
+partition sends the handshake and ends at once.
+
 **Other ends**: the stream's deletion (its logs close with ``LivePartition.deleted`` set) ends
 the stream with STREAM_NOT_FOUND (NOT_FOUND, which Liftbridge clients read as "stream
-deleted"); broker shutdown (``closing``) or a log closed for any other reason ends it with
-UNAVAILABLE, on which clients resubscribe from their last offset + 1. A corrupt record
+deleted"); a pause of the partition (its log closes) ends it with PARTITION_PAUSED
+(FAILED_PRECONDITION, which the Go client reads as ErrPartitionPaused); broker shutdown
+(``closing``) or a log closed for any other reason ends it with UNAVAILABLE, on which clients
+resubscribe from their last offset + 1. A corrupt record
 propagates as :class:`~flux_broker.log.errors.CorruptRecordError` (INTERNAL, mapped by
 :mod:`flux_broker.api.status`); records before it have been delivered. A client that cancels
 ends the generator at its ``yield``; the reader is closed in every case.
@@ -69,7 +82,7 @@ from flux_broker.log.errors import LogClosedError
 from flux_broker.log.format import Record
 from flux_broker.log.reader import ForwardReader
 from flux_broker.streams.delivery import record_to_message
-from flux_broker.streams.manager import LivePartition
+from flux_broker.streams.live import LivePartition
 from flux_proto import api_pb2
 
 __all__ = ["subscribe"]
@@ -166,6 +179,16 @@ def _find_partition(broker: BrokerContext, request: api_pb2.SubscribeRequest) ->
     return partition
 
 
+async def _running(broker: BrokerContext, request: api_pb2.SubscribeRequest) -> LivePartition:
+    """The requested partition, resumed first if it is paused and the request says so."""
+    partition = _find_partition(broker, request)
+    if partition.paused:
+        if not request.resume:
+            raise _paused(partition)
+        await broker.streams.resume(partition.stream, partition.id)
+    return partition
+
+
 # -- start and stop ------------------------------------------------------------------------
 
 
@@ -210,11 +233,34 @@ def _stop(log: FileCommitLog, request: api_pb2.SubscribeRequest, start: int) -> 
 # -- ends ----------------------------------------------------------------------------------
 
 
-def _log_closed(partition: LivePartition, closing: asyncio.Event) -> FluxStatus:
-    """The status for a partition log that closed under a subscription."""
-    if partition.deleted and not closing.is_set():
+def _log_closed(partition: LivePartition, closing: asyncio.Event, pauses: int) -> FluxStatus:
+    """The status for a partition log that closed under a subscription.
+
+    Args:
+        partition: The partition.
+        closing: The broker's shutdown event.
+        pauses: The partition's pause count when the subscription opened its log; a different
+            count now means a pause closed it (even if the partition was resumed since).
+    """
+    if closing.is_set():
+        return _shutting_down()
+    if partition.deleted:
         return FluxStatus.from_entry("STREAM_NOT_FOUND", f"stream {partition.stream!r} was deleted")
+    if partition.paused or partition.pauses != pauses:
+        return _paused(partition)
     return _shutting_down()
+
+
+def _paused(partition: LivePartition) -> FluxStatus:
+    return FluxStatus.from_entry(
+        "PARTITION_PAUSED",
+        f"stream {partition.stream!r} partition {partition.id} is paused; subscribe with "
+        "resume=true, or publish to it, to resume it",
+    )
+
+
+def _readonly_end() -> FluxStatus:
+    return FluxStatus.from_entry("READONLY_END")
 
 
 def _shutting_down() -> FluxStatus:
@@ -227,12 +273,15 @@ def _shutting_down() -> FluxStatus:
 
 
 async def _wait_for_batch(
-    reader: ForwardReader, closing: asyncio.Event, timeout_s: float | None
+    reader: ForwardReader,
+    closing: asyncio.Event,
+    changed: asyncio.Event,
+    timeout_s: float | None,
 ) -> RecordBatch | None:
-    """Wait for the next committed batch, racing broker shutdown and ``timeout_s``.
+    """Wait for the next committed batch, racing shutdown, a partition change and a timeout.
 
     Returns:
-        The batch, or ``None`` when ``timeout_s`` passed first.
+        The batch, or ``None`` when ``timeout_s`` passed or the partition changed first.
 
     Raises:
         FluxStatus: UNAVAILABLE when ``closing`` was set first.
@@ -241,10 +290,12 @@ async def _wait_for_batch(
     """
     read = asyncio.ensure_future(reader.read())
     closed = asyncio.ensure_future(closing.wait())
+    change = asyncio.ensure_future(changed.wait())
+    waits = (read, closed, change)
     try:
-        await asyncio.wait((read, closed), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        pending = [task for task in (read, closed) if not task.done()]
+        pending = [task for task in waits if not task.done()]
         for task in pending:
             task.cancel()
         if pending:
@@ -253,7 +304,8 @@ async def _wait_for_batch(
         if not read.cancelled():
             read.exception()  # retrieved: a read that failed meanwhile is not logged as lost
         raise _shutting_down()
-    return read.result() if read.done() else None
+    # A read cancelled above (the timeout or a change came first) has no result.
+    return read.result() if read.done() and not read.cancelled() else None
 
 
 async def _deliver(
@@ -275,9 +327,13 @@ async def _deliver(
             raise _stop_reached()
         batch = reader.read_nowait(budget_bytes)
         if batch is None:
+            # Taken before the checks, so a change right after them still wakes the wait.
+            changed = partition.changed()
+            if partition.readonly and reader.next_offset > log.high_watermark:
+                raise _readonly_end()
             if stop.reached_in_time(clock, caught_up=reader.next_offset > log.newest_offset):
                 raise _stop_reached()
-            batch = await _wait_for_batch(reader, closing, stop.wait_s(clock))
+            batch = await _wait_for_batch(reader, closing, changed, stop.wait_s(clock))
             if batch is None:
                 continue
         for record in batch.records():
@@ -302,29 +358,32 @@ async def subscribe(
         The handshake (an empty ``Message``), then one ``Message`` per committed record.
 
     Raises:
-        FluxStatus: The status that ends the stream: a validation error before the
-            handshake, or STOP_REACHED, STREAM_NOT_FOUND (deleted) or UNAVAILABLE after it.
+        FluxStatus: The status that ends the stream: a validation error (or PARTITION_PAUSED)
+            before the handshake, or STOP_REACHED, READONLY_END, STREAM_NOT_FOUND (deleted),
+            PARTITION_PAUSED or UNAVAILABLE after it.
         CorruptRecordError: A stored record failed its checks.
     """
-    partition = _find_partition(broker, request)
+    partition = await _running(broker, request)
     if closing.is_set():
         raise _shutting_down()
-    log = partition.log
+    pauses = partition.pauses
     try:
+        log = partition.log
         start = _start_offset(log, request)
         stop = _stop(log, request, start)
         reader = log.reader(start, committed=True)
     except LogClosedError:
-        raise _log_closed(partition, closing) from None
+        raise _log_closed(partition, closing, pauses) from None
     try:
-        yield api_pb2.Message()
-        messages = _deliver(
-            partition, reader, start=start, stop=stop, closing=closing, clock=broker.clock
-        )
-        async with contextlib.aclosing(messages):
-            async for message in messages:
-                yield message
+        with partition.subscription():
+            yield api_pb2.Message()
+            messages = _deliver(
+                partition, reader, start=start, stop=stop, closing=closing, clock=broker.clock
+            )
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    yield message
     except LogClosedError:
-        raise _log_closed(partition, closing) from None
+        raise _log_closed(partition, closing, pauses) from None
     finally:
         reader.close()

@@ -10,6 +10,9 @@ from flux_broker.metadata.commands import (
     CreateStream,
     DeleteStream,
     PartitionAssignment,
+    PauseStream,
+    ResumeStream,
+    SetStreamReadonly,
 )
 from flux_broker.metadata.config import StreamConfig
 from flux_broker.metadata.contract import AppliedCommand, MetadataStore, Partition, Stream
@@ -18,6 +21,7 @@ from flux_broker.metadata.errors import (
     MetadataClosedError,
     MetadataError,
     MetadataStorageError,
+    PartitionNotFoundError,
     StaleIndexError,
     StreamExistsError,
     StreamNotFoundError,
@@ -37,6 +41,10 @@ __all__ = [
     "MetadataStore",
     "Partition",
     "PartitionAssignment",
+    "PartitionNotFoundError",
+    "PauseStream",
+    "ResumeStream",
+    "SetStreamReadonly",
     "SqliteMetadataStore",
     "StaleIndexError",
     "Stream",

@@ -18,7 +18,15 @@ from typing import TypeAlias
 from flux_broker.metadata.config import INT32_MAX, INT64_MAX, StreamConfig
 from flux_broker.metadata.errors import InvalidCommandError
 
-__all__ = ["Command", "CreateStream", "DeleteStream", "PartitionAssignment"]
+__all__ = [
+    "Command",
+    "CreateStream",
+    "DeleteStream",
+    "PartitionAssignment",
+    "PauseStream",
+    "ResumeStream",
+    "SetStreamReadonly",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +144,106 @@ class DeleteStream:
         _check_text("name", self.name)
 
 
-#: Every metadata command. Later commands (leader and ISR changes, pause, readonly, cursors,
-#: groups) join this union.
-Command: TypeAlias = CreateStream | DeleteStream
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PauseStream:
+    """Pause partitions of a stream (Liftbridge's ``PAUSE_STREAM``).
+
+    A paused partition is marked paused and its pause timestamps move (the first one only the
+    first time); partitions already paused keep theirs. The stream remembers ``resume_all``,
+    replacing what an earlier pause said. Closing the logs is the streams layer's reaction.
+
+    Attributes:
+        name: The stream's name.
+        partitions: Partition ids to pause, without duplicates; empty means every partition.
+        resume_all: Whether a publish (or a resuming subscription) to one paused partition
+            later resumes every paused partition of the stream.
+        timestamp_ns: When the pause was asked for, Unix ns (read from the clock by the
+            caller, so that applying stays deterministic); at least 1, since 0 means "never".
+    """
+
+    name: str
+    partitions: tuple[int, ...] = ()
+    resume_all: bool = False
+    timestamp_ns: int
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: An empty name, a bad partition list, a non-bool
+                ``resume_all`` or a timestamp outside [1, INT64_MAX].
+        """
+        _check_text("name", self.name)
+        _check_partition_ids(self.partitions)
+        _check_bool("resume_all", self.resume_all)
+        _check_int("timestamp_ns", self.timestamp_ns, 1, INT64_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeStream:
+    """Resume paused partitions of a stream (Liftbridge's ``RESUME_STREAM``).
+
+    A resumed partition is marked not paused and its pause timestamps move (the latest one;
+    the first one too if it was never set). Partitions that are not paused are left as they
+    are. The stream's ``resume_all`` stays as the last pause set it.
+
+    Attributes:
+        name: The stream's name.
+        partitions: Partition ids to resume, without duplicates; empty means every partition.
+        timestamp_ns: When the resume was asked for, Unix ns; at least 1.
+    """
+
+    name: str
+    partitions: tuple[int, ...] = ()
+    timestamp_ns: int
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: An empty name, a bad partition list or a timestamp outside
+                [1, INT64_MAX].
+        """
+        _check_text("name", self.name)
+        _check_partition_ids(self.partitions)
+        _check_int("timestamp_ns", self.timestamp_ns, 1, INT64_MAX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetStreamReadonly:
+    """Set or clear the read-only flag of partitions (Liftbridge's ``SET_STREAM_READONLY``).
+
+    A partition whose flag changes gets its read-only timestamps moved (the first one only the
+    first time); one that already has the wanted value keeps them.
+
+    Attributes:
+        name: The stream's name.
+        partitions: Partition ids to change, without duplicates; empty means every partition.
+        readonly: The flag's new value.
+        timestamp_ns: When the change was asked for, Unix ns; at least 1.
+    """
+
+    name: str
+    partitions: tuple[int, ...] = ()
+    readonly: bool
+    timestamp_ns: int
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: An empty name, a bad partition list, a non-bool ``readonly``
+                or a timestamp outside [1, INT64_MAX].
+        """
+        _check_text("name", self.name)
+        _check_partition_ids(self.partitions)
+        _check_bool("readonly", self.readonly)
+        _check_int("timestamp_ns", self.timestamp_ns, 1, INT64_MAX)
+
+
+#: Every metadata command. Later commands (leader and ISR changes, cursors, groups) join this
+#: union.
+Command: TypeAlias = CreateStream | DeleteStream | PauseStream | ResumeStream | SetStreamReadonly
 
 
 def _check_text(name: str, value: object) -> None:
@@ -151,6 +256,20 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise InvalidCommandError(name, f"must be an int, not {type(value).__name__}")
     if not low <= value <= high:
         raise InvalidCommandError(name, f"{value} is outside [{low}, {high}]")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidCommandError(name, f"must be a bool, not {type(value).__name__}")
+
+
+def _check_partition_ids(ids: object) -> None:
+    if not isinstance(ids, tuple):
+        raise InvalidCommandError("partitions", "must be a tuple of partition ids")
+    for i, partition_id in enumerate(ids):
+        _check_int(f"partitions[{i}]", partition_id, 0, INT32_MAX)
+    if len(set(ids)) != len(ids):
+        raise InvalidCommandError("partitions", "has duplicate partition ids")
 
 
 def _check_broker_ids(name: str, ids: tuple[str, ...]) -> None:

@@ -38,7 +38,10 @@ __all__ = ["AppliedCommand", "MetadataStore", "Partition", "Stream"]
 
 @dataclass(frozen=True, slots=True)
 class Partition:
-    """One partition's metadata (``PartitionMetadata`` fields 1-4 plus the epochs).
+    """One partition's metadata (``PartitionMetadata`` fields 1-4, 7, 8, 10, 11 and the epochs).
+
+    Event timestamps are Unix ns, 0 meaning "never"; "first" is the first change ever, "latest"
+    the most recent one. Only a change counts: pausing a paused partition moves nothing.
 
     Attributes:
         stream: Name of its stream.
@@ -48,6 +51,12 @@ class Partition:
         isr: In-sync replicas, in replica order.
         leader_epoch: See the module docstring.
         epoch: See the module docstring; never below ``leader_epoch``.
+        paused: Whether the partition is paused (its log closed, no NATS subscription).
+        readonly: Whether the partition refuses new messages.
+        pause_first_ns: First pause or resume of the partition.
+        pause_latest_ns: Latest pause or resume.
+        readonly_first_ns: First time its read-only flag changed.
+        readonly_latest_ns: Latest change of its read-only flag.
     """
 
     stream: str
@@ -57,6 +66,12 @@ class Partition:
     isr: tuple[str, ...]
     leader_epoch: int
     epoch: int
+    paused: bool = False
+    readonly: bool = False
+    pause_first_ns: int = 0
+    pause_latest_ns: int = 0
+    readonly_first_ns: int = 0
+    readonly_latest_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,8 @@ class Stream:
         creation_timestamp_ns: Creation time, Unix ns.
         config: Overrides of the server defaults, as requested.
         partitions: Its partitions, by id (``partitions[i].id == i``).
+        resume_all: What the latest ``PauseStream`` asked: resuming one paused partition
+            resumes every paused partition of the stream.
     """
 
     name: str
@@ -80,6 +97,7 @@ class Stream:
     creation_timestamp_ns: int
     config: StreamConfig
     partitions: tuple[Partition, ...]
+    resume_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +139,10 @@ class MetadataStore(Protocol):
             InvalidCommandError: The command is malformed on its own.
             StaleIndexError: ``index`` is not above :attr:`applied_index`.
             StreamExistsError: ``CreateStream`` of a stream that exists.
-            StreamNotFoundError: ``DeleteStream`` of a stream that does not exist.
+            StreamNotFoundError: A command other than ``CreateStream`` named a stream that
+                does not exist.
+            PartitionNotFoundError: ``PauseStream``, ``ResumeStream`` or
+                ``SetStreamReadonly`` named a partition id the stream does not have.
             MetadataStorageError: SQLite failed; nothing was applied.
             MetadataClosedError: The store is closed.
         """

@@ -8,6 +8,7 @@
     ├── StaleIndexError           an explicit metadata index is not above the applied index
     ├── StreamExistsError         CreateStream named a stream that already exists
     ├── StreamNotFoundError       a command named a stream that does not exist
+    ├── PartitionNotFoundError    a command named a partition id its stream does not have
     ├── UnsupportedSchemaError    the database was written by a newer Flux (schema too new)
     └── MetadataStorageError      SQLite failed (I/O error, full disk, constraint, not a database)
 
@@ -24,6 +25,7 @@ __all__ = [
     "MetadataClosedError",
     "MetadataError",
     "MetadataStorageError",
+    "PartitionNotFoundError",
     "StaleIndexError",
     "StreamExistsError",
     "StreamNotFoundError",
@@ -93,6 +95,25 @@ class StreamNotFoundError(MetadataError):
         """Name the missing stream."""
         super().__init__(f"stream {name!r} does not exist")
         self.name = name
+
+
+class PartitionNotFoundError(MetadataError):
+    """The stream exists but has no partition with that id (Liftbridge's ErrNoSuchPartition).
+
+    Attributes:
+        stream: The stream's name.
+        partition: The partition id asked for.
+        count: How many partitions the stream has (ids 0 to ``count - 1``).
+    """
+
+    def __init__(self, stream: str, partition: int, count: int) -> None:
+        """Name the missing partition."""
+        super().__init__(
+            f"stream {stream!r} has no partition {partition} (its partitions are 0..{count - 1})"
+        )
+        self.stream = stream
+        self.partition = partition
+        self.count = count
 
 
 class UnsupportedSchemaError(MetadataError):

@@ -17,6 +17,13 @@ Version 1 (streams and partitions)::
     partition_replicas  (stream_name, partition_id, broker_id) PK → partitions ON DELETE
                         CASCADE; position (replica order, unique), in_isr (0/1)
 
+Version 2 (pause and read-only)::
+
+    streams             + resume_all (0/1): what the latest PauseStream asked
+    partitions          + paused, readonly (0/1), and the Unix-ns times of the first and the
+                        latest pause-state and read-only change: pause_first_ns,
+                        pause_latest_ns, readonly_first_ns, readonly_latest_ns (0 = never)
+
 Replicas are rows rather than a list in a column so the database itself guarantees what the
 rest of the broker relies on: replica ids are unique, the ISR is a subset of the replicas (it
 is a flag on them) and the leader is one of them (a foreign key checked at commit).
@@ -112,6 +119,21 @@ CREATE TABLE partition_replicas (
 ) WITHOUT ROWID
 """
 
+
+def _flag_column(table: str, column: str) -> str:
+    return (
+        f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0 "
+        f"CHECK ({column} IN (0, 1))"
+    )
+
+
+def _timestamp_column(column: str) -> str:
+    return (
+        f"ALTER TABLE partitions ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0 "
+        f"CHECK ({column} {_INT64})"
+    )
+
+
 #: Every schema step, oldest first.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
@@ -128,6 +150,19 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             _V1_STREAMS,
             _V1_PARTITIONS,
             _V1_REPLICAS,
+        ),
+    ),
+    Migration(
+        version=2,
+        name="pause and read-only",
+        statements=(
+            _flag_column("streams", "resume_all"),
+            _flag_column("partitions", "paused"),
+            _flag_column("partitions", "readonly"),
+            _timestamp_column("pause_first_ns"),
+            _timestamp_column("pause_latest_ns"),
+            _timestamp_column("readonly_first_ns"),
+            _timestamp_column("readonly_latest_ns"),
         ),
     ),
 )

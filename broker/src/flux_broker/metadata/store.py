@@ -19,7 +19,14 @@ from typing import Final, Self, assert_never
 
 import aiosqlite
 
-from flux_broker.metadata.commands import Command, CreateStream, DeleteStream
+from flux_broker.metadata.commands import (
+    Command,
+    CreateStream,
+    DeleteStream,
+    PauseStream,
+    ResumeStream,
+    SetStreamReadonly,
+)
 from flux_broker.metadata.config import FLAG_FIELDS, INT64_MAX, StreamConfig
 from flux_broker.metadata.contract import AppliedCommand, Partition, Stream
 from flux_broker.metadata.errors import (
@@ -30,6 +37,7 @@ from flux_broker.metadata.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
+from flux_broker.metadata.lifecycle import apply_lifecycle, stream_exists
 from flux_broker.metadata.schema import migrate
 
 __all__ = ["BUSY_TIMEOUT_MS", "SqliteMetadataStore"]
@@ -51,15 +59,20 @@ _INSERT_STREAM: Final = (
     f"INSERT INTO streams ({_STREAM_COLUMNS}) "  # noqa: S608 - constant column names
     f"VALUES ({', '.join('?' * (5 + len(_CONFIG_FIELDS)))})"
 )
-_SELECT_STREAMS: Final = f"SELECT {_STREAM_COLUMNS} FROM streams"  # noqa: S608 - constants
+_SELECT_STREAMS: Final = f"SELECT {_STREAM_COLUMNS}, resume_all FROM streams"  # noqa: S608 - constants
 _ALL_STREAMS: Final = f"{_SELECT_STREAMS} ORDER BY name"
 _ONE_STREAM: Final = f"{_SELECT_STREAMS} WHERE name = ?"
 
 # One row per replica, so the partition columns repeat; ordered by partition, then replica.
 _SELECT_PARTITIONS: Final = """
-SELECT p.stream_name, p.partition_id, p.leader, p.leader_epoch, p.epoch, r.broker_id, r.in_isr
+SELECT p.stream_name, p.partition_id, p.leader, p.leader_epoch, p.epoch,
+       p.paused, p.readonly, p.pause_first_ns, p.pause_latest_ns,
+       p.readonly_first_ns, p.readonly_latest_ns,
+       r.broker_id, r.in_isr
 FROM partitions AS p JOIN partition_replicas AS r USING (stream_name, partition_id)
 """
+#: Partition columns before the replica's (broker id, in ISR) in each row of the query above.
+_HEAD: Final = 11
 _ALL_PARTITIONS: Final = f"{_SELECT_PARTITIONS} ORDER BY p.stream_name, p.partition_id, r.position"
 _STREAM_PARTITIONS: Final = (
     f"{_SELECT_PARTITIONS} WHERE p.stream_name = ? ORDER BY p.partition_id, r.position"
@@ -145,7 +158,8 @@ class SqliteMetadataStore:
             InvalidCommandError: The command (or ``index``) is malformed on its own.
             StaleIndexError: ``index`` is not above :attr:`applied_index`.
             StreamExistsError: ``CreateStream`` of a stream that exists.
-            StreamNotFoundError: ``DeleteStream`` of a stream that does not exist.
+            StreamNotFoundError: A command other than ``CreateStream`` named an unknown stream.
+            PartitionNotFoundError: A command named a partition id its stream does not have.
             MetadataStorageError: SQLite failed; nothing was applied.
             MetadataClosedError: The store is closed.
         """
@@ -285,17 +299,14 @@ async def _apply(db: aiosqlite.Connection, command: Command, index: int) -> None
             await _create_stream(db, command, index)
         case DeleteStream():
             await _delete_stream(db, command)
+        case PauseStream() | ResumeStream() | SetStreamReadonly():
+            await apply_lifecycle(db, command)
         case _:  # pragma: no cover - the union is closed
             assert_never(command)
 
 
-async def _stream_exists(db: aiosqlite.Connection, name: str) -> bool:
-    rows = await db.execute_fetchall("SELECT 1 FROM streams WHERE name = ?", (name,))
-    return bool(list(rows))
-
-
 async def _create_stream(db: aiosqlite.Connection, command: CreateStream, index: int) -> None:
-    if await _stream_exists(db, command.name):
+    if await stream_exists(db, command.name):
         raise StreamExistsError(command.name)
     config = tuple(getattr(command.config, name) for name in _CONFIG_FIELDS)
     await db.execute(
@@ -328,7 +339,7 @@ async def _create_stream(db: aiosqlite.Connection, command: CreateStream, index:
 
 
 async def _delete_stream(db: aiosqlite.Connection, command: DeleteStream) -> None:
-    if not await _stream_exists(db, command.name):
+    if not await stream_exists(db, command.name):
         raise StreamNotFoundError(command.name)
     # Partitions and replicas go with it (ON DELETE CASCADE).
     await db.execute("DELETE FROM streams WHERE name = ?", (command.name,))
@@ -345,36 +356,44 @@ def _partitions_from_rows(rows: Iterable[sqlite3.Row | tuple[object, ...]]) -> l
         if (row[0], row[1]) != key:
             if key is not None:
                 partitions.append(_partition(head, replicas, isr))
-            key, head, replicas, isr = (row[0], row[1]), tuple(row[:5]), [], []
-        replicas.append(str(row[5]))
-        if row[6]:
-            isr.append(str(row[5]))
+            key, head, replicas, isr = (row[0], row[1]), tuple(row[:_HEAD]), [], []
+        broker_id, in_isr = row[_HEAD], row[_HEAD + 1]
+        replicas.append(str(broker_id))
+        if in_isr:
+            isr.append(str(broker_id))
     if key is not None:
         partitions.append(_partition(head, replicas, isr))
     return partitions
 
 
 def _partition(head: tuple[object, ...], replicas: list[str], isr: list[str]) -> Partition:
-    stream, partition_id, leader, leader_epoch, epoch = head
-    assert isinstance(partition_id, int)
-    assert isinstance(leader_epoch, int)
-    assert isinstance(epoch, int)
+    stream, partition_id, leader, leader_epoch, epoch, paused, readonly, *timestamps = head
+    pause_first, pause_latest, readonly_first, readonly_latest = map(_int, timestamps)
     return Partition(
         stream=str(stream),
-        id=partition_id,
+        id=_int(partition_id),
         leader=str(leader),
         replicas=tuple(replicas),
         isr=tuple(isr),
-        leader_epoch=leader_epoch,
-        epoch=epoch,
+        leader_epoch=_int(leader_epoch),
+        epoch=_int(epoch),
+        paused=bool(paused),
+        readonly=bool(readonly),
+        pause_first_ns=pause_first,
+        pause_latest_ns=pause_latest,
+        readonly_first_ns=readonly_first,
+        readonly_latest_ns=readonly_latest,
     )
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), value
+    return value
 
 
 def _stream_from_row(row: sqlite3.Row | tuple[object, ...], partitions: list[Partition]) -> Stream:
     name, subject, group, replication_factor, creation_timestamp_ns = row[:5]
-    assert isinstance(replication_factor, int)
-    assert isinstance(creation_timestamp_ns, int)
-    values = dict(zip(_CONFIG_FIELDS, row[5:], strict=True))
+    values = dict(zip(_CONFIG_FIELDS, row[5:-1], strict=True))
     config = StreamConfig(
         **{k: (bool(v) if k in FLAG_FIELDS and v is not None else v) for k, v in values.items()}
     )
@@ -383,8 +402,9 @@ def _stream_from_row(row: sqlite3.Row | tuple[object, ...], partitions: list[Par
         name=str(name),
         subject=str(subject),
         group=str(group),
-        replication_factor=replication_factor,
-        creation_timestamp_ns=creation_timestamp_ns,
+        replication_factor=_int(replication_factor),
+        creation_timestamp_ns=_int(creation_timestamp_ns),
         config=config,
         partitions=tuple(partitions),
+        resume_all=bool(row[-1]),
     )

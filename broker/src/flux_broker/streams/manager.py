@@ -1,9 +1,10 @@
 """The stream manager: metadata, logs on disk and partition leaders kept in step.
 
 A stream exists when the metadata store says so. For each of its partitions this broker leads
-(all of them, in a cluster of one: DESIGN.md §4.3) the manager holds a :class:`LivePartition`:
-the open commit log in ``<data.dir>/streams/<stream>/<partition>/`` and the leader that feeds
-it from NATS. The gRPC handlers find partitions here, without touching SQLite.
+(all of them, in a cluster of one: DESIGN.md §4.3) the manager holds a
+:class:`~flux_broker.streams.live.LivePartition`: while active, the open commit log in
+``<data.dir>/streams/<stream>/<partition>/`` and the leader that feeds it from NATS. The gRPC
+handlers find partitions here, without touching SQLite.
 
 Order of effects, so that a crash at any point leaves a state start-up repairs:
 
@@ -14,35 +15,43 @@ Order of effects, so that a crash at any point leaves a state start-up repairs:
   end with NOT_FOUND), rename the stream's directory to ``.deleted-<nuid>`` (one atomic step)
   and remove it. A create never adopts a directory left under its name: it removes it first,
   so a stream created again starts empty.
+- **Pause**: apply ``PauseStream`` (durable), mark the partitions paused (from then on a
+  gRPC publish resumes them before it publishes), stop their leaders -- draining the NATS
+  subscription, so what NATS delivered before is stored and acked -- and close their logs
+  (subscribers end with PARTITION_PAUSED). A crash in between leaves them paused in the
+  metadata, and start-up does not open them.
+- **Resume**: apply ``ResumeStream``, open the logs (HW = newest, leader epoch from the
+  metadata), start the leaders (subscribed before the resume returns, so a publish that
+  follows is received), then mark them active. If a log cannot be opened the partitions are
+  paused again and the error raised.
+- **Read-only**: apply ``SetStreamReadonly``; the leaders drop new messages from then on and
+  waiting subscribers are woken to find the end.
 - **Recover** (start-up): remove leftover ``.deleted-*`` directories; move the directory of a
   stream the metadata does not know to ``<data.dir>/orphans/`` with an error in the log (never
   delete it: a lost or restored ``metadata.db`` must not become silent data loss); open every
-  partition's log (crash recovery of the log itself is :mod:`flux_broker.log.recovery`), set
-  the HW to the recovered newest offset (the ISR is this broker alone) and the leader epoch
-  from the metadata, and only once every log of a stream is open start its leaders.
+  partition's log that is not paused (crash recovery of the log itself is
+  :mod:`flux_broker.log.recovery`), set the HW to the recovered newest offset (the ISR is this
+  broker alone) and the leader epoch from the metadata, and only once every log of a stream is
+  open start its leaders. A paused partition stays closed; its offsets are read from its HW
+  checkpoint.
 
-Admin operations are serialised by one lock; they are rare and each is a few milliseconds. Each
-runs as a task of the manager that the RPC awaits through :func:`asyncio.shield`, so a client
-that gives up (a deadline) never leaves one half done.
+Admin operations (pause and resume included) are serialised by one lock; they are rare and
+each is a few milliseconds. Each runs as a task of the manager that the caller awaits through
+:func:`asyncio.shield`, so a client that gives up (a deadline) never leaves one half done.
+Auto-pause (:mod:`flux_broker.streams.auto_pause`) runs one timer task per active partition.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
-import shutil
-from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from nats.aio.client import Client
-from nats.nuid import NUID
 
 from flux_broker.clock import Clock, SystemClock
-from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.config import LogConfig
 from flux_broker.metadata import (
     CreateStream,
@@ -50,11 +59,23 @@ from flux_broker.metadata import (
     MetadataClosedError,
     MetadataError,
     MetadataStore,
-    Partition,
-    Stream,
-    StreamConfig,
+    PartitionNotFoundError,
+    PauseStream,
+    ResumeStream,
+    SetStreamReadonly,
+    StreamNotFoundError,
 )
-from flux_broker.streams.partition import Partition as PartitionLeader
+from flux_broker.streams.auto_pause import AutoPause
+from flux_broker.streams.live import LivePartition, LiveStream, PartitionState
+from flux_broker.streams.runner import PartitionRunner
+from flux_broker.streams.storage import (
+    DELETED_PREFIX,
+    ORPHANS_DIR,
+    STREAMS_DIR,
+    remove_directory,
+    stream_log_config,
+    sweep,
+)
 
 __all__ = [
     "DELETED_PREFIX",
@@ -62,93 +83,20 @@ __all__ = [
     "STREAMS_DIR",
     "LivePartition",
     "LiveStream",
+    "PartitionState",
     "StreamManager",
+    "stream_log_config",
 ]
 
 _logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-#: The directory under ``data.dir`` holding one directory per stream.
-STREAMS_DIR: Final = "streams"
-#: Prefix of a deleted stream's directory while it is being removed. Stream names cannot start
-#: with ``.``, so it never clashes with a stream.
-DELETED_PREFIX: Final = ".deleted-"
-#: The directory under ``data.dir`` where start-up moves stream data the metadata does not know.
-ORPHANS_DIR: Final = "orphans"
-
-_MS_PER_S: Final = 1000.0
-
-
-def stream_log_config(server: LogConfig, overrides: StreamConfig) -> LogConfig:
-    """The commit-log settings of a stream: the server's, with the stream's overrides.
-
-    Args:
-        server: The server-wide settings (the ``streams.*`` keys).
-        overrides: What the stream's CreateStreamRequest set (durations in ms).
-
-    Returns:
-        The stream's settings.
-
-    Raises:
-        ValueError: An override is out of the log's range (for example a zero cleaner
-            interval); the message names the setting.
-    """
-    changes: dict[str, object] = {}
-    if overrides.retention_max_bytes is not None:
-        changes["retention_max_bytes"] = overrides.retention_max_bytes
-    if overrides.retention_max_messages is not None:
-        changes["retention_max_messages"] = overrides.retention_max_messages
-    if overrides.retention_max_age_ms is not None:
-        changes["retention_max_age_s"] = overrides.retention_max_age_ms / _MS_PER_S
-    if overrides.cleaner_interval_ms is not None:
-        changes["cleaner_interval_s"] = overrides.cleaner_interval_ms / _MS_PER_S
-    if overrides.segment_max_bytes is not None:
-        changes["segment_max_bytes"] = overrides.segment_max_bytes
-    if overrides.segment_max_age_ms is not None:
-        changes["segment_max_age_s"] = overrides.segment_max_age_ms / _MS_PER_S
-    if overrides.compact_enabled is not None:
-        changes["compact_enabled"] = overrides.compact_enabled
-    return dataclasses.replace(server, **changes)  # type: ignore[arg-type]  # checked by LogConfig
-
-
-@dataclass(slots=True, eq=False)
-class LivePartition:
-    """A partition this broker serves: metadata, open log and leader.
-
-    Attributes:
-        stream: The stream's name.
-        id: The partition id.
-        subject: The partition's NATS subject.
-        metadata: Its metadata (leader, replicas, ISR, epochs) as last applied.
-        log: Its open commit log.
-        leader: The NATS ingest of the partition.
-        deleted: Set when the stream is deleted; readers that end then answer NOT_FOUND.
-    """
-
-    stream: str
-    id: int
-    subject: str
-    metadata: Partition
-    log: FileCommitLog
-    leader: PartitionLeader
-    deleted: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class LiveStream:
-    """A stream this broker serves.
-
-    Attributes:
-        metadata: The stream's metadata as last applied.
-        partitions: Its partitions, by id.
-    """
-
-    metadata: Stream
-    partitions: list[LivePartition] = field(default_factory=list)
+#: An empty partition list: every partition of the stream.
+_ALL: Final[tuple[int, ...]] = ()
 
 
 class StreamManager:
-    """Streams and their partitions: created, recovered, looked up, deleted, closed."""
+    """Streams and their partitions: created, recovered, paused, looked up, deleted, closed."""
 
     def __init__(
         self,
@@ -161,6 +109,8 @@ class StreamManager:
         log_config: LogConfig,
         batch_max_messages: int,
         clock: Clock | None = None,
+        auto_pause_time_s: float = 0.0,
+        auto_pause_disable_if_subscribers: bool = False,
     ) -> None:
         """Describe the manager; call :meth:`recover` before serving.
 
@@ -173,19 +123,30 @@ class StreamManager:
             log_config: Server-wide commit-log settings; streams override some.
             batch_max_messages: Most NATS messages appended with one write.
             clock: Time source (default: the system clock).
+            auto_pause_time_s: ``streams.auto.pause.time`` (0 = off); streams override it.
+            auto_pause_disable_if_subscribers: ``streams.auto.pause.disable.if.subscribers``.
         """
         self.broker_id = broker_id
         self.namespace = namespace
         self.log_config = log_config
         self._streams_dir = data_dir / STREAMS_DIR
+        self._orphans_dir = data_dir / ORPHANS_DIR
         self._store = store
-        self._nc = nc
-        self._batch_max_messages = batch_max_messages
         self._clock: Clock = clock or SystemClock()
+        self._runner = PartitionRunner(
+            streams_dir=self._streams_dir,
+            nc=nc,
+            namespace=namespace,
+            log_config=log_config,
+            batch_max_messages=batch_max_messages,
+            clock=self._clock,
+            auto_pause_time_s=auto_pause_time_s,
+            auto_pause_disable_if_subscribers=auto_pause_disable_if_subscribers,
+            pauser=self._auto_pauser,
+        )
         self._streams: dict[str, LiveStream] = {}
         self._lock = asyncio.Lock()
         self._admin_tasks: set[asyncio.Task[Any]] = set()
-        self._orphans_dir = data_dir / ORPHANS_DIR
         self._closed = False
 
     # -- lookups -------------------------------------------------------------------------
@@ -213,10 +174,10 @@ class StreamManager:
     # -- start-up ------------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Open every stream the metadata names and start its leaders.
+        """Open every stream the metadata names and start the leaders of the unpaused partitions.
 
         Returns:
-            The number of partitions recovered.
+            The number of partitions recovered, paused ones included.
 
         Raises:
             OSError: A partition directory cannot be used.
@@ -224,76 +185,11 @@ class StreamManager:
         """
         self._streams_dir.mkdir(parents=True, exist_ok=True)
         streams = await self._store.list_streams()
-        await asyncio.to_thread(self._sweep, {stream.name for stream in streams})
+        known = {stream.name for stream in streams}
+        await asyncio.to_thread(sweep, self._streams_dir, self._orphans_dir, known)
         for stream in streams:
-            self._streams[stream.name] = await self._open_stream(stream)
+            self._streams[stream.name] = await self._runner.open_stream(stream)
         return self.partition_count()
-
-    def _sweep(self, known: set[str]) -> None:
-        """Finish interrupted deletes; move data no stream owns aside, never delete it."""
-        for entry in sorted(self._streams_dir.iterdir()):
-            if entry.name in known or not entry.is_dir():
-                continue
-            if entry.name.startswith(DELETED_PREFIX):
-                _logger.info("removing %s, left by a delete that did not finish", entry)
-                shutil.rmtree(entry)
-                continue
-            # Deleting it would turn a lost or rolled-back metadata.db into silent data loss.
-            target = self._orphans_dir / f"{entry.name}-{_unique()}"
-            _logger.error(
-                "%s holds data of stream %r, which the metadata does not know: moved to %s "
-                "(a lost or restored metadata.db, or another broker's directory?)",
-                entry,
-                entry.name,
-                target,
-            )
-            self._orphans_dir.mkdir(exist_ok=True)
-            entry.rename(target)
-
-    async def _open_stream(self, stream: Stream) -> LiveStream:
-        """Open every partition's log, then start the leaders (none acks before all opened)."""
-        live = LiveStream(stream)
-        config = stream_log_config(self.log_config, stream.config)
-        try:
-            for meta in stream.partitions:
-                live.partitions.append(await self._open_partition(stream, meta, config))
-            for partition in live.partitions:
-                await partition.leader.start()
-        except BaseException:
-            await self._close_stream(live)
-            raise
-        return live
-
-    async def _open_partition(
-        self, stream: Stream, meta: Partition, config: LogConfig
-    ) -> LivePartition:
-        directory = self._streams_dir / stream.name / str(meta.id)
-        log = await FileCommitLog.open(directory, config, self._clock)
-        # A cluster of one: everything written is on the whole ISR, so it is committed.
-        log.set_high_watermark(log.newest_offset)
-        if meta.leader_epoch > log.leader_epoch:
-            log.set_leader_epoch(meta.leader_epoch)
-        leader = PartitionLeader(
-            stream=stream.name,
-            partition_id=meta.id,
-            subject=stream.subject,
-            group=stream.group,
-            log=log,
-            nc=self._nc,
-            namespace=self.namespace,
-            record_max_bytes=config.record_max_bytes,
-            batch_max_messages=self._batch_max_messages,
-            clock=self._clock,
-            optimistic_concurrency=bool(stream.config.optimistic_concurrency_control),
-        )
-        return LivePartition(
-            stream=stream.name,
-            id=meta.id,
-            subject=leader.subject,
-            metadata=meta,
-            log=log,
-            leader=leader,
-        )
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -323,6 +219,49 @@ class StreamManager:
         """
         await self._run(self._delete_stream(name), f"delete-stream-{name}")
 
+    async def pause(
+        self, name: str, partitions: tuple[int, ...] = _ALL, *, resume_all: bool = False
+    ) -> None:
+        """Pause partitions of a stream (all when ``partitions`` is empty); a task, as create.
+
+        Args:
+            name: The stream.
+            partitions: Partition ids without duplicates; empty means all.
+            resume_all: Remembered on the stream: resuming one partition later resumes all.
+
+        Raises:
+            flux_broker.metadata.StreamNotFoundError: No stream of that name.
+            flux_broker.metadata.PartitionNotFoundError: An id is not one of its partitions.
+            flux_broker.metadata.MetadataError: The store failed; nothing was paused.
+        """
+        await self._run(self._pause(name, partitions, resume_all), f"pause-stream-{name}")
+
+    async def resume(self, name: str, partition_id: int) -> None:
+        """Resume a paused partition, or every paused one if the stream was paused so.
+
+        Publishing and subscribing with ``resume`` call this; when the partition is not paused
+        (any more) it returns at once. When it returns, the resumed leaders are subscribed.
+
+        Raises:
+            flux_broker.metadata.StreamNotFoundError: No stream of that name.
+            flux_broker.metadata.PartitionNotFoundError: No partition with that id.
+            flux_broker.metadata.MetadataError: The store failed; nothing was resumed.
+            OSError: A log could not be opened; the partitions stay paused.
+        """
+        await self._run(self._resume(name, partition_id), f"resume-stream-{name}")
+
+    async def set_readonly(
+        self, name: str, partitions: tuple[int, ...] = _ALL, *, readonly: bool
+    ) -> None:
+        """Set or clear the read-only flag of partitions (all when empty); a task, as create.
+
+        Raises:
+            flux_broker.metadata.StreamNotFoundError: No stream of that name.
+            flux_broker.metadata.PartitionNotFoundError: An id is not one of its partitions.
+            flux_broker.metadata.MetadataError: The store failed; nothing changed.
+        """
+        await self._run(self._set_readonly(name, partitions, readonly), f"readonly-{name}")
+
     async def _run(self, work: Coroutine[Any, Any, _T], name: str) -> _T:
         task = asyncio.create_task(work, name=name)
         self._admin_tasks.add(task)
@@ -340,8 +279,8 @@ class StreamManager:
             try:
                 # A directory under the new name can only be a leftover (a delete that could
                 # not remove it): a new stream never adopts old records.
-                await asyncio.to_thread(self._remove_directory, stream.name)
-                live = await self._open_stream(stream)
+                await asyncio.to_thread(remove_directory, self._streams_dir, stream.name)
+                live = await self._runner.open_stream(stream)
             except BaseException:
                 _logger.exception("stream %r: could not open its logs; deleting it", command.name)
                 await self._undo_create(command.name)
@@ -358,7 +297,7 @@ class StreamManager:
     async def _undo_create(self, name: str) -> None:
         try:
             await self._store.apply(DeleteStream(name))
-            await asyncio.to_thread(self._remove_directory, name)
+            await asyncio.to_thread(remove_directory, self._streams_dir, name)
         except Exception:
             _logger.exception("stream %r: could not undo its creation", name)
 
@@ -368,26 +307,140 @@ class StreamManager:
             await self._store.apply(DeleteStream(name))
             live = self._streams.pop(name, None)
             if live is not None:
-                for partition in live.partitions:
-                    partition.deleted = True
-                await self._close_stream(live)
+                await self._runner.deactivate(live.partitions, PartitionState.DELETED)
             try:
-                await asyncio.to_thread(self._remove_directory, name)
+                await asyncio.to_thread(remove_directory, self._streams_dir, name)
             except OSError:
                 # The metadata says deleted; a create of the name removes what is left.
                 _logger.exception("stream %r: deleted, but its data could not be removed", name)
             _logger.info("deleted stream %r", name)
 
-    def _remove_directory(self, name: str) -> None:
-        """Remove a stream's directory: one atomic rename out of the way, then the files."""
-        directory = self._streams_dir / name
-        if not directory.exists():
-            return
-        # Not named after the stream: a 249-character name plus a suffix would pass NAME_MAX.
-        doomed = self._streams_dir / f"{DELETED_PREFIX}{_unique()}"
-        directory.rename(doomed)
-        _fsync_directory(self._streams_dir)
-        shutil.rmtree(doomed)
+    # -- pause, resume, read-only --------------------------------------------------------
+
+    async def _refresh(self, name: str) -> LiveStream:
+        """Take the stream's metadata, just applied, into its live objects."""
+        stream = await self._store.get_stream(name)
+        live = self._streams.get(name)
+        assert stream is not None, name
+        assert live is not None, name
+        live.metadata = stream
+        for meta in stream.partitions:
+            live.partitions[meta.id].metadata = meta
+        return live
+
+    async def _pause(
+        self,
+        name: str,
+        partitions: tuple[int, ...],
+        resume_all: bool,
+        still_due: Callable[[], bool] | None = None,
+    ) -> None:
+        async with self._lock:
+            self._check_open()
+            if still_due is not None and not still_due():
+                return  # an auto-pause whose partition got busy meanwhile
+            await self._store.apply(
+                PauseStream(
+                    name=name,
+                    partitions=partitions,
+                    resume_all=resume_all,
+                    timestamp_ns=self._clock.now_ns(),
+                )
+            )
+            live = await self._refresh(name)
+            doomed = [
+                p for p in live.partitions if p.metadata.paused and p.state is PartitionState.ACTIVE
+            ]
+            for partition in doomed:
+                partition.pauses += 1
+            # Marked paused before anything is awaited: a gRPC publish that sees the mark
+            # resumes the partition first (after this pause); one that did not see it published
+            # on the broker's connection before the drain's unsubscribe, so the leader gets it.
+            await self._runner.deactivate(doomed, PartitionState.PAUSED)
+            if doomed:
+                _logger.info(
+                    "paused stream %r partition(s) %s",
+                    name,
+                    ", ".join(str(p.id) for p in doomed),
+                )
+
+    async def _resume(self, name: str, partition_id: int) -> None:
+        async with self._lock:
+            self._check_open()
+            live = self._streams.get(name)
+            if live is None:
+                raise StreamNotFoundError(name)
+            if not 0 <= partition_id < len(live.partitions):
+                raise PartitionNotFoundError(name, partition_id, len(live.partitions))
+            if not live.partitions[partition_id].paused:
+                return  # resumed meanwhile (another publish won the race)
+            ids: tuple[int, ...] = (partition_id,)
+            if live.metadata.resume_all:
+                ids = tuple(p.id for p in live.partitions if p.paused)
+            command = ResumeStream(name=name, partitions=ids, timestamp_ns=self._clock.now_ns())
+            await self._store.apply(command)
+            live = await self._refresh(name)
+            targets = [live.partitions[i] for i in ids]
+            try:
+                await self._runner.activate(live, targets)
+            except BaseException:
+                _logger.exception("stream %r: could not resume partition(s) %s", name, ids)
+                await self._undo_resume(live, targets)
+                raise
+            _logger.info("resumed stream %r partition(s) %s", name, ", ".join(map(str, ids)))
+
+    async def _undo_resume(self, live: LiveStream, targets: list[LivePartition]) -> None:
+        await self._runner.deactivate(targets, PartitionState.PAUSED)
+        try:
+            await self._store.apply(
+                PauseStream(
+                    name=live.metadata.name,
+                    partitions=tuple(p.id for p in targets),
+                    resume_all=live.metadata.resume_all,
+                    timestamp_ns=self._clock.now_ns(),
+                )
+            )
+            await self._refresh(live.metadata.name)
+        except Exception:
+            _logger.exception("stream %r: could not record the failed resume", live.metadata.name)
+
+    async def _set_readonly(self, name: str, partitions: tuple[int, ...], readonly: bool) -> None:
+        async with self._lock:
+            self._check_open()
+            command = SetStreamReadonly(
+                name=name,
+                partitions=partitions,
+                readonly=readonly,
+                timestamp_ns=self._clock.now_ns(),
+            )
+            await self._store.apply(command)
+            before = {p.id: p.readonly for p in self._streams[name].partitions}
+            live = await self._refresh(name)
+            for partition in live.partitions:
+                if partition.readonly == before[partition.id]:
+                    continue
+                if partition.state is PartitionState.ACTIVE:
+                    partition.leader.readonly = partition.readonly
+                partition.notify()  # waiting subscribers re-check for the read-only end
+
+    def _auto_pauser(
+        self, partition: LivePartition, policy: AutoPause
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """The auto-pause timer's way to ask for a pause, re-checked under the lock."""
+        pauses = partition.pauses
+
+        def still_due() -> bool:
+            return (
+                partition.state is PartitionState.ACTIVE
+                and partition.pauses == pauses
+                and policy.due(partition, self._clock)
+            )
+
+        async def pause() -> None:
+            work = self._pause(partition.stream, (partition.id,), False, still_due)
+            await self._run(work, f"auto-pause-{partition.stream}-{partition.id}")
+
+        return pause
 
     def _check_open(self) -> None:
         if self._closed:
@@ -395,9 +448,6 @@ class StreamManager:
             raise MetadataClosedError("the broker is shutting down")
 
     # -- shutdown ------------------------------------------------------------------------
-
-    async def _close_stream(self, live: LiveStream) -> None:
-        await _close_partitions(live.partitions)
 
     async def close(self) -> None:
         """Stop every leader (in-flight appends and acks finish), then close every log.
@@ -408,26 +458,10 @@ class StreamManager:
         async with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
-        await _close_partitions([partition for live in streams for partition in live.partitions])
-
-
-async def _close_partitions(partitions: Sequence[LivePartition]) -> None:
-    stops = await asyncio.gather(
-        *(partition.leader.stop() for partition in partitions), return_exceptions=True
-    )
-    closes = await asyncio.gather(
-        *(partition.log.close() for partition in partitions), return_exceptions=True
-    )
-    for partition, stop, close in zip(partitions, stops, closes, strict=True):
-        for what, outcome in (("stop its leader", stop), ("close its log", close)):
-            if isinstance(outcome, BaseException):
-                _logger.error(
-                    "stream %r partition %d: could not %s",
-                    partition.stream,
-                    partition.id,
-                    what,
-                    exc_info=outcome,
-                )
+        partitions = [partition for live in streams for partition in live.partitions]
+        timers = [p.auto_pause for p in partitions if p.auto_pause is not None]
+        await self._runner.deactivate(partitions, PartitionState.CLOSED)
+        await asyncio.gather(*timers, return_exceptions=True)
 
 
 def _log_unobserved_failure(task: asyncio.Task[Any]) -> None:
@@ -436,15 +470,3 @@ def _log_unobserved_failure(task: asyncio.Task[Any]) -> None:
     error = task.exception()  # retrieved, so asyncio does not report it as lost
     if error is not None and not isinstance(error, MetadataError):
         _logger.debug("%s failed: %r", task.get_name(), error)
-
-
-def _unique() -> str:
-    return NUID().next().decode()
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,6 +27,10 @@ Per NATS message (reference ``liftbridge-api.md`` §1.4, §1.6, §2):
 - After the append returns (durable per the log's sync policy) the HW moves to the newest
   offset -- the ISR is this broker alone -- and every message with an ack inbox and policy
   LEADER or ALL gets one success ack, in offset order. NONE gets none.
+- While the partition is read-only (:attr:`Partition.readonly`, Liftbridge's read-only log
+  that rejects ``Append``), messages are not stored and get no ack, success or error; they are
+  counted in :attr:`PartitionStats.readonly_rejected`. Publishers through gRPC are refused
+  before anything reaches NATS; raw NATS publishers and racing publishes time out.
 - If the append fails (:class:`~flux_broker.log.errors.LogError`, e.g. a full disk), no success
   ack is sent for that batch, the failure is logged and counted, and ingest goes on with the
   next batch: publishers time out and retry, as with Liftbridge.
@@ -146,6 +150,7 @@ class PartitionStats:
             INCORRECT_OFFSET ack if they had an ack inbox).
         ingest_failures: Batches that failed for an unexpected reason (a bug; logged with its
             traceback); their messages got no ack.
+        readonly_rejected: Messages not stored because the partition is read-only (no ack).
     """
 
     received: int = 0
@@ -160,6 +165,7 @@ class PartitionStats:
     latest_received_ns: int = 0
     ingest_failures: int = 0
     incorrect_offset: int = 0
+    readonly_rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +210,8 @@ class Partition:
         queue_max_messages: int = QUEUE_MAX_MESSAGES,
         queue_max_bytes: int = QUEUE_MAX_BYTES,
         optimistic_concurrency: bool = False,
+        readonly: bool = False,
+        stats: PartitionStats | None = None,
     ) -> None:
         """Describe the partition (arguments by keyword); nothing happens until :meth:`start`.
 
@@ -226,6 +234,9 @@ class Partition:
             optimistic_concurrency: The stream's ``optimisticConcurrencyControl``: a message
                 whose expected offset (the envelope's ``offset``) is not -1 and not the offset
                 it would get is not stored and gets an INCORRECT_OFFSET ack.
+            readonly: Start read-only (see :attr:`readonly`).
+            stats: Counters to add to (a resumed partition keeps its earlier ones); default:
+                new ones.
 
         Raises:
             ValueError: ``partition_id`` is negative or a limit is not positive.
@@ -246,7 +257,9 @@ class Partition:
         self.record_max_bytes = record_max_bytes
         self.batch_max_messages = batch_max_messages
         self.optimistic_concurrency = optimistic_concurrency
-        self.stats = PartitionStats()
+        #: While true, received messages are dropped unstored and unacked; the caller sets it.
+        self.readonly = readonly
+        self.stats = PartitionStats() if stats is None else stats
         self._log = log
         self._nc = nc
         self._clock: Clock = clock or SystemClock()
@@ -403,6 +416,9 @@ class Partition:
 
     async def _ingest(self, batch: Sequence[_Arrival]) -> None:
         """Turn ``batch`` into records, append them (one write per byte-limited chunk), ack."""
+        if self.readonly:
+            self.stats.readonly_rejected += len(batch)
+            return
         record_limit = self._log.config.record_max_bytes
         batch_limit = self._log.config.batch_max_bytes
         records: list[NewRecord] = []
