@@ -157,16 +157,11 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("clustering.replica.fetch.timeout", D, 3.0, IGNORED),
         _k("clustering.min.insync.replicas", N, 1, IGNORED),
         _k("clustering.replication.max.bytes", N, 1 * MIB),
-        # Activity stream, cursors, consumer groups (their issues make them SUPPORTED).
-        _k("activity.stream.enabled", B, False, IGNORED),
-        _k("activity.stream.publish.timeout", D, 5.0, IGNORED),
-        _k(
-            "activity.stream.publish.ack.policy",
-            S,
-            "all",
-            IGNORED,
-            choices=("none", "leader", "all"),
-        ),
+        # Activity stream, cursors, consumer groups (the groups' issue makes them SUPPORTED).
+        _k("activity.stream.enabled", B, False),
+        _k("activity.stream.publish.timeout", D, 5.0),
+        # Every policy means "in the leader's log" on a cluster of one (flux_broker.activity).
+        _k("activity.stream.publish.ack.policy", S, "all", choices=("none", "leader", "all")),
         _k("cursors.stream.partitions", N, 1),  # Liftbridge: 0; see DESIGN.md §4.5
         _k("cursors.stream.replication.factor", N, -1),
         _k("cursors.stream.auto.pause.time", D, 60.0, IGNORED),

@@ -4,12 +4,14 @@ Start-up (:meth:`Broker.start`)::
 
     data dir lock ─▶ broker id ─▶ NATS (embedded child or --nats-servers) ─▶ metadata.db
              ─▶ recover every stream and partition ─▶ create __cursors if configured, load
-             the cursors ─▶ gRPC API + health SERVING ─▶ ready
+             the cursors ─▶ create __activity if enabled, start its publisher ─▶ gRPC API +
+             health SERVING ─▶ ready
 
 Shutdown (:meth:`Broker.stop`, on SIGTERM or SIGINT), the reverse::
 
     health NOT_SERVING, stop accepting RPCs, end subscriptions (UNAVAILABLE, so clients
-    resubscribe elsewhere) ─▶ in-flight RPCs finish within the grace period ─▶ leaders drain
+    resubscribe elsewhere) ─▶ in-flight RPCs finish within the grace period ─▶ the activity
+    publisher stops (what it did not publish stays in the outbox) ─▶ leaders drain
     NATS and finish their appends and acks ─▶ logs closed ─▶ NATS closed ─▶ metadata closed
 
 **Broker id.** ``clustering.server.id`` names the broker in metadata (leader, replicas, ISR).
@@ -40,6 +42,7 @@ from nats.aio.client import Client
 from nats.nuid import NUID
 
 from flux_broker import __version__
+from flux_broker.activity import ActivityPublisher, ensure_activity_stream
 from flux_broker.api.context import BrokerContext
 from flux_broker.api.service import ApiService
 from flux_broker.clock import Clock, SystemClock
@@ -121,6 +124,7 @@ class Broker:
         self._health = health.aio.HealthServicer()
         self._api: ApiService | None = None
         self._cursors: CursorStore | None = None
+        self._activity: ActivityPublisher | None = None
         self.broker_id = ""
         self.grpc_address = ""
         self.nats_url = ""
@@ -155,7 +159,10 @@ class Broker:
         self.broker_id = _broker_id(data_dir, self._config.string("clustering.server.id"))
         await self._start_nats()
         try:
-            self._store = await SqliteMetadataStore.open(data_dir / METADATA_FILE)
+            self._store = await SqliteMetadataStore.open(
+                data_dir / METADATA_FILE,
+                record_activity=self._config.boolean("activity.stream.enabled"),
+            )
         except Exception as error:
             raise StartupError(f"cannot open the metadata database: {error}") from error
         await self._check_owner()
@@ -182,6 +189,7 @@ class Broker:
             len(list(self._streams.streams())),
         )
         self._cursors = await self._open_cursors()
+        await self._start_activity()
         await self._start_grpc()
         for service in ("", _API_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -202,6 +210,26 @@ class Broker:
         cursors = CursorStore(self._streams, partitions)
         await cursors.load()
         return cursors
+
+    async def _start_activity(self) -> None:
+        """Create ``__activity`` if enabled and missing, and start publishing to it."""
+        assert self._streams is not None
+        assert self._store is not None
+        try:
+            enabled = await ensure_activity_stream(
+                self._streams,
+                enabled=self._config.boolean("activity.stream.enabled"),
+                clock=self._clock,
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        if enabled:
+            self._activity = ActivityPublisher(
+                self._store,
+                self._streams,
+                append_timeout_s=self._config.seconds("activity.stream.publish.timeout"),
+            )
+            self._activity.start()
 
     async def _check_owner(self) -> None:
         """Refuse metadata whose partitions name only other brokers (a lost ``broker-id``)."""
@@ -374,6 +402,9 @@ class Broker:
                 self._api.begin_shutdown()
             await self._server.stop(SHUTDOWN_GRACE_S)
             self._server = None
+        if self._activity is not None:
+            await _logged("stopping the activity publisher", self._activity.close())
+            self._activity = None
         if self._streams is not None:
             await _logged("closing the streams", self._streams.close())
             self._streams = None

@@ -388,7 +388,7 @@ async def test_cursors_disabled(broker_factory: BrokerFactory) -> None:
         assert await _cursors_metadata(api) is None
         for call in (_set(api, "c", "s", 0), _fetch(api, "c", "s")):
             error = await _status(call)
-            assert (error.code(), _reason(error)) == (grpc.StatusCode.INTERNAL, "internal")
+            assert (error.code(), _reason(error)) == (grpc.StatusCode.INTERNAL, "cursors-disabled")
             assert "cursors.stream.partitions" in str(error.details())
         # Request checks still come first (Liftbridge: InvalidArgument before Internal).
         error = await _status(_set(api, "", "s", 0))

@@ -124,13 +124,22 @@ class APIStub:
     """Stores a cursor (beta). Cursors live in the internal `__cursors` stream;
     the request must be sent to the leader of the `__cursors` partition
     chosen by CRC-32 (IEEE) of "<cursorId>,<stream>,<partition>" modulo the
-    number of `__cursors` partitions. Errors: InvalidArgument for an empty
-    stream or cursorId; FailedPrecondition if this broker is not that
-    leader; Internal if cursors are disabled or storage fails.
+    number of `__cursors` partitions. A cursor may move backwards; offset -1
+    clears it. Errors (Flux reason in brackets): InvalidArgument for an
+    empty, over-long or malformed stream or cursorId, or an offset below -1
+    [invalid-argument, stream-reserved]; Internal if cursors are disabled
+    [cursors-disabled] or storage fails [storage-failed, internal]; NotFound
+    for an unknown stream or partition [stream-not-found,
+    partition-not-found] (Flux checks, Liftbridge does not);
+    FailedPrecondition if this broker is not that leader [not-leader];
+    OutOfRange for an offset past the partition's newest offset + 1
+    [offset-out-of-range]; ResourceExhausted when the broker holds its
+    limit of cursors [resource-limit].
     """
     FetchCursor: _grpc.UnaryUnaryMultiCallable[_api_pb2.FetchCursorRequest, _api_pb2.FetchCursorResponse]
-    """Reads a cursor (beta); returns offset -1 if it was never set. Routing
-    and errors are the same as for SetCursor.
+    """Reads a cursor (beta); returns offset -1 if it was never set, was
+    cleared, or belongs to an earlier stream of the same name. Routing and
+    errors are the same as for SetCursor (without the offset checks).
     """
     JoinConsumerGroup: _grpc.UnaryUnaryMultiCallable[_api_pb2.JoinConsumerGroupRequest, _api_pb2.JoinConsumerGroupResponse]
     """Adds a consumer to a consumer group, creating the group if needed, and
@@ -249,13 +258,22 @@ class APIAsyncStub(APIStub):
     """Stores a cursor (beta). Cursors live in the internal `__cursors` stream;
     the request must be sent to the leader of the `__cursors` partition
     chosen by CRC-32 (IEEE) of "<cursorId>,<stream>,<partition>" modulo the
-    number of `__cursors` partitions. Errors: InvalidArgument for an empty
-    stream or cursorId; FailedPrecondition if this broker is not that
-    leader; Internal if cursors are disabled or storage fails.
+    number of `__cursors` partitions. A cursor may move backwards; offset -1
+    clears it. Errors (Flux reason in brackets): InvalidArgument for an
+    empty, over-long or malformed stream or cursorId, or an offset below -1
+    [invalid-argument, stream-reserved]; Internal if cursors are disabled
+    [cursors-disabled] or storage fails [storage-failed, internal]; NotFound
+    for an unknown stream or partition [stream-not-found,
+    partition-not-found] (Flux checks, Liftbridge does not);
+    FailedPrecondition if this broker is not that leader [not-leader];
+    OutOfRange for an offset past the partition's newest offset + 1
+    [offset-out-of-range]; ResourceExhausted when the broker holds its
+    limit of cursors [resource-limit].
     """
     FetchCursor: _aio.UnaryUnaryMultiCallable[_api_pb2.FetchCursorRequest, _api_pb2.FetchCursorResponse]  # type: ignore[assignment]
-    """Reads a cursor (beta); returns offset -1 if it was never set. Routing
-    and errors are the same as for SetCursor.
+    """Reads a cursor (beta); returns offset -1 if it was never set, was
+    cleared, or belongs to an earlier stream of the same name. Routing and
+    errors are the same as for SetCursor (without the offset checks).
     """
     JoinConsumerGroup: _aio.UnaryUnaryMultiCallable[_api_pb2.JoinConsumerGroupRequest, _api_pb2.JoinConsumerGroupResponse]  # type: ignore[assignment]
     """Adds a consumer to a consumer group, creating the group if needed, and
@@ -437,9 +455,17 @@ class APIServicer(metaclass=_abc_1.ABCMeta):
         """Stores a cursor (beta). Cursors live in the internal `__cursors` stream;
         the request must be sent to the leader of the `__cursors` partition
         chosen by CRC-32 (IEEE) of "<cursorId>,<stream>,<partition>" modulo the
-        number of `__cursors` partitions. Errors: InvalidArgument for an empty
-        stream or cursorId; FailedPrecondition if this broker is not that
-        leader; Internal if cursors are disabled or storage fails.
+        number of `__cursors` partitions. A cursor may move backwards; offset -1
+        clears it. Errors (Flux reason in brackets): InvalidArgument for an
+        empty, over-long or malformed stream or cursorId, or an offset below -1
+        [invalid-argument, stream-reserved]; Internal if cursors are disabled
+        [cursors-disabled] or storage fails [storage-failed, internal]; NotFound
+        for an unknown stream or partition [stream-not-found,
+        partition-not-found] (Flux checks, Liftbridge does not);
+        FailedPrecondition if this broker is not that leader [not-leader];
+        OutOfRange for an offset past the partition's newest offset + 1
+        [offset-out-of-range]; ResourceExhausted when the broker holds its
+        limit of cursors [resource-limit].
         """
 
     @_abc_1.abstractmethod
@@ -448,8 +474,9 @@ class APIServicer(metaclass=_abc_1.ABCMeta):
         request: _api_pb2.FetchCursorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_pb2.FetchCursorResponse, _abc.Awaitable[_api_pb2.FetchCursorResponse]]:
-        """Reads a cursor (beta); returns offset -1 if it was never set. Routing
-        and errors are the same as for SetCursor.
+        """Reads a cursor (beta); returns offset -1 if it was never set, was
+        cleared, or belongs to an earlier stream of the same name. Routing and
+        errors are the same as for SetCursor (without the offset checks).
         """
 
     @_abc_1.abstractmethod

@@ -10,8 +10,8 @@ condition                                             status (row)
 ``cursorId`` over 1 KiB or with control characters,   INVALID_ARGUMENT
 malformed or reserved ``stream`` name
 SetCursor ``offset`` below -1                         INVALID_ARGUMENT
-cursors disabled (``cursors.stream.partitions`` 0)    INTERNAL (Liftbridge: "cursors stream
-                                                      missing" is Internal)
+cursors disabled (``cursors.stream.partitions`` 0)    CURSORS_DISABLED (INTERNAL, as Liftbridge
+                                                      answers "cursors stream missing")
 ``stream`` unknown / ``partition`` unknown            STREAM_NOT_FOUND / PARTITION_NOT_FOUND
                                                       (NOT_FOUND; Liftbridge does not check)
 this broker does not lead the ``__cursors``           NOT_LEADER (FAILED_PRECONDITION, Liftbridge)
@@ -94,7 +94,7 @@ def _check_request(cursor_id: str, stream: str) -> None:
 def _store(broker: BrokerContext) -> CursorStore:
     store = broker.cursors
     if store is None or not store.enabled:
-        raise FluxStatus.from_entry("INTERNAL", _DISABLED_MESSAGE)
+        raise FluxStatus.from_entry("CURSORS_DISABLED", _DISABLED_MESSAGE)
     return store
 
 
@@ -110,7 +110,7 @@ def _target(broker: BrokerContext, stream: str, partition: int) -> tuple[LivePar
 
 def _store_status(error: Exception) -> FluxStatus:
     if isinstance(error, CursorsDisabledError):
-        return FluxStatus.from_entry("INTERNAL", _DISABLED_MESSAGE)
+        return FluxStatus.from_entry("CURSORS_DISABLED", _DISABLED_MESSAGE)
     if isinstance(error, NotCursorsLeaderError):
         return FluxStatus.from_entry("NOT_LEADER")
     assert isinstance(error, CursorLimitError), error

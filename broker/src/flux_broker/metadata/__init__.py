@@ -5,7 +5,9 @@ Protocol) and :mod:`flux_broker.metadata.commands`; :class:`SqliteMetadataStore`
 store, :mod:`flux_broker.metadata.schema` holds its tables and migrations.
 """
 
+from flux_broker.metadata.activity import ActivityEvent, ActivityOp
 from flux_broker.metadata.commands import (
+    ActivityPublished,
     Command,
     CreateStream,
     DeleteStream,
@@ -30,6 +32,9 @@ from flux_broker.metadata.errors import (
 from flux_broker.metadata.store import SqliteMetadataStore
 
 __all__ = [
+    "ActivityEvent",
+    "ActivityOp",
+    "ActivityPublished",
     "AppliedCommand",
     "Command",
     "CreateStream",

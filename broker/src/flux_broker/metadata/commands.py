@@ -19,6 +19,7 @@ from flux_broker.metadata.config import INT32_MAX, INT64_MAX, StreamConfig
 from flux_broker.metadata.errors import InvalidCommandError
 
 __all__ = [
+    "ActivityPublished",
     "Command",
     "CreateStream",
     "DeleteStream",
@@ -241,9 +242,32 @@ class SetStreamReadonly:
         _check_int("timestamp_ns", self.timestamp_ns, 1, INT64_MAX)
 
 
-#: Every metadata command. Later commands (leader and ISR changes, cursors, groups) join this
-#: union.
-Command: TypeAlias = CreateStream | DeleteStream | PauseStream | ResumeStream | SetStreamReadonly
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivityPublished:
+    """Record that activity events are in ``__activity`` (Liftbridge's ``PUBLISH_ACTIVITY``).
+
+    The store forgets every pending event whose id is at most ``through_id``, so a restarted
+    (or, later, a newly elected) publisher resumes after them. Events above it stay pending.
+
+    Attributes:
+        through_id: The id (metadata index) of the last event published; at least 1.
+    """
+
+    through_id: int
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: ``through_id`` is outside [1, INT64_MAX].
+        """
+        _check_int("through_id", self.through_id, 1, INT64_MAX)
+
+
+#: Every metadata command. Later commands (leader and ISR changes, groups) join this union.
+Command: TypeAlias = (
+    CreateStream | DeleteStream | PauseStream | ResumeStream | SetStreamReadonly | ActivityPublished
+)
 
 
 def _check_text(name: str, value: object) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from flux_broker.metadata.activity import ActivityEvent
 from flux_broker.metadata.commands import Command
 from flux_broker.metadata.config import StreamConfig
 
@@ -168,6 +169,18 @@ class MetadataStore(Protocol):
 
     async def get_partition(self, stream: str, partition_id: int) -> Partition | None:
         """Return one partition, or ``None`` if the stream or the partition does not exist.
+
+        Raises:
+            MetadataStorageError: SQLite failed.
+            MetadataClosedError: The store is closed.
+        """
+        ...
+
+    async def pending_activity(self, limit: int) -> tuple[ActivityEvent, ...]:
+        """The oldest ``limit`` activity events not yet published, in id order.
+
+        Events are recorded only by a store opened to record activity; ``ActivityPublished``
+        removes them (:mod:`flux_broker.metadata.activity`).
 
         Raises:
             MetadataStorageError: SQLite failed.

@@ -55,12 +55,15 @@ async def stream_exists(db: aiosqlite.Connection, name: str) -> bool:
     return bool(list(rows))
 
 
-async def apply_lifecycle(db: aiosqlite.Connection, command: LifecycleCommand) -> None:
+async def apply_lifecycle(db: aiosqlite.Connection, command: LifecycleCommand) -> tuple[int, ...]:
     """Apply a lifecycle command inside the caller's transaction (see the module docstring).
 
     Args:
         db: The connection, in the command's transaction.
         command: The command, already checked on its own.
+
+    Returns:
+        The partition ids it acted on (every partition when the command named none).
 
     Raises:
         StreamNotFoundError: The stream does not exist.
@@ -91,6 +94,7 @@ async def apply_lifecycle(db: aiosqlite.Connection, command: LifecycleCommand) -
             )
         case _:  # pragma: no cover - the union is closed
             assert_never(command)
+    return ids
 
 
 async def _partition_ids(

@@ -24,6 +24,11 @@ Version 2 (pause and read-only)::
                         latest pause-state and read-only change: pause_first_ns,
                         pause_latest_ns, readonly_first_ns, readonly_latest_ns (0 = never)
 
+Version 3 (activity outbox)::
+
+    activity_outbox     id PK (the metadata index of the command it reports), op, detail
+                        (JSON object); see :mod:`flux_broker.metadata.activity`
+
 Replicas are rows rather than a list in a column so the database itself guarantees what the
 rest of the broker relies on: replica ids are unique, the ISR is a subset of the replicas (it
 is a flag on them) and the leader is one of them (a foreign key checked at commit).
@@ -163,6 +168,19 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             _timestamp_column("pause_latest_ns"),
             _timestamp_column("readonly_first_ns"),
             _timestamp_column("readonly_latest_ns"),
+        ),
+    ),
+    Migration(
+        version=3,
+        name="activity outbox",
+        statements=(
+            """
+            CREATE TABLE activity_outbox (
+                id     INTEGER PRIMARY KEY CHECK (id >= 1),
+                op     TEXT NOT NULL CHECK (length(op) > 0),
+                detail TEXT NOT NULL CHECK (json_valid(detail))
+            )
+            """,
         ),
     ),
 )

@@ -19,7 +19,14 @@ from typing import Final, Self, assert_never
 
 import aiosqlite
 
+from flux_broker.metadata.activity import (
+    ActivityEvent,
+    forget_published,
+    pending_events,
+    record_event,
+)
 from flux_broker.metadata.commands import (
+    ActivityPublished,
     Command,
     CreateStream,
     DeleteStream,
@@ -89,20 +96,30 @@ class SqliteMetadataStore:
     the terms and the guarantees of every method.
     """
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, applied_index: int) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        applied_index: int,
+        *,
+        record_activity: bool = False,
+    ) -> None:
         """Wrap an opened, migrated connection; use :meth:`open` instead."""
         self._db: aiosqlite.Connection | None = db
         self._path = path
         self._applied_index = applied_index
+        self._record_activity = record_activity
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path | str) -> SqliteMetadataStore:
+    async def open(cls, path: Path | str, *, record_activity: bool = False) -> SqliteMetadataStore:
         """Open (creating if needed) the database at ``path`` and migrate it to this version.
 
         Args:
             path: The database file, normally ``<data.dir>/metadata.db``; its directory must
                 exist.
+            record_activity: Write an activity event for every stream command applied
+                (``activity.stream.enabled``; see :mod:`flux_broker.metadata.activity`).
 
         Returns:
             The open store.
@@ -132,7 +149,7 @@ class SqliteMetadataStore:
         except BaseException:
             await db.close()
             raise
-        return cls(db, path, applied_index)
+        return cls(db, path, applied_index, record_activity=record_activity)
 
     @property
     def path(self) -> Path:
@@ -174,7 +191,9 @@ class SqliteMetadataStore:
                 at = applied_index + 1 if index is None else index
                 if at <= applied_index:
                     raise StaleIndexError(at, applied_index)
-                await _apply(db, command, at)
+                partition_ids = await _apply(db, command, at)
+                if self._record_activity:
+                    await record_event(db, command, at, partition_ids)
                 await db.execute("UPDATE metadata_state SET applied_index = ? WHERE id = 1", (at,))
                 await db.execute("COMMIT")
             except sqlite3.Error as e:
@@ -221,6 +240,20 @@ class SqliteMetadataStore:
                 raise MetadataStorageError(f"reading partition failed: {e}") from e
         partitions = _partitions_from_rows(rows)
         return partitions[0] if partitions else None
+
+    async def pending_activity(self, limit: int) -> tuple[ActivityEvent, ...]:
+        """The oldest ``limit`` activity events not yet published, in id order; see the contract.
+
+        Raises:
+            MetadataStorageError: SQLite failed.
+            MetadataClosedError: The store is closed.
+        """
+        async with self._lock:
+            db = self._require_open()
+            try:
+                return await pending_events(db, limit)
+            except sqlite3.Error as e:
+                raise MetadataStorageError(f"reading activity events failed: {e}") from e
 
     async def close(self) -> None:
         """Close the database; idempotent."""
@@ -292,15 +325,24 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         await db.execute("ROLLBACK")
 
 
-async def _apply(db: aiosqlite.Connection, command: Command, index: int) -> None:
-    """Apply ``command`` at ``index`` inside the caller's transaction: the state machine."""
+async def _apply(db: aiosqlite.Connection, command: Command, index: int) -> tuple[int, ...]:
+    """Apply ``command`` at ``index`` inside the caller's transaction: the state machine.
+
+    Returns:
+        The partition ids the command acted on (for its activity event).
+    """
     match command:
         case CreateStream():
             await _create_stream(db, command, index)
+            return tuple(range(len(command.partitions)))
         case DeleteStream():
             await _delete_stream(db, command)
+            return ()
         case PauseStream() | ResumeStream() | SetStreamReadonly():
-            await apply_lifecycle(db, command)
+            return await apply_lifecycle(db, command)
+        case ActivityPublished():
+            await forget_published(db, command)
+            return ()
         case _:  # pragma: no cover - the union is closed
             assert_never(command)
 

@@ -54,6 +54,8 @@ from nats.aio.client import Client
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.config import LogConfig
 from flux_broker.metadata import (
+    AppliedCommand,
+    Command,
     CreateStream,
     DeleteStream,
     MetadataClosedError,
@@ -148,6 +150,7 @@ class StreamManager:
         self._lock = asyncio.Lock()
         self._admin_tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._applied_listeners: list[Callable[[AppliedCommand], None]] = []
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -262,6 +265,20 @@ class StreamManager:
         """
         await self._run(self._set_readonly(name, partitions, readonly), f"readonly-{name}")
 
+    def on_applied(self, listener: Callable[[AppliedCommand], None]) -> None:
+        """Call ``listener`` after each metadata command the manager applies.
+
+        The activity publisher uses it to wake up. It runs on the event loop and must neither
+        block nor raise.
+        """
+        self._applied_listeners.append(listener)
+
+    async def _apply(self, command: Command) -> AppliedCommand:
+        applied = await self._store.apply(command)
+        for listener in self._applied_listeners:
+            listener(applied)
+        return applied
+
     async def _run(self, work: Coroutine[Any, Any, _T], name: str) -> _T:
         task = asyncio.create_task(work, name=name)
         self._admin_tasks.add(task)
@@ -273,7 +290,7 @@ class StreamManager:
     async def _create_stream(self, command: CreateStream) -> LiveStream:
         async with self._lock:
             self._check_open()
-            await self._store.apply(command)
+            await self._apply(command)
             stream = await self._store.get_stream(command.name)
             assert stream is not None, command.name
             try:
@@ -296,7 +313,7 @@ class StreamManager:
 
     async def _undo_create(self, name: str) -> None:
         try:
-            await self._store.apply(DeleteStream(name))
+            await self._apply(DeleteStream(name))
             await asyncio.to_thread(remove_directory, self._streams_dir, name)
         except Exception:
             _logger.exception("stream %r: could not undo its creation", name)
@@ -304,7 +321,7 @@ class StreamManager:
     async def _delete_stream(self, name: str) -> None:
         async with self._lock:
             self._check_open()
-            await self._store.apply(DeleteStream(name))
+            await self._apply(DeleteStream(name))
             live = self._streams.pop(name, None)
             if live is not None:
                 await self._runner.deactivate(live.partitions, PartitionState.DELETED)
@@ -339,7 +356,7 @@ class StreamManager:
             self._check_open()
             if still_due is not None and not still_due():
                 return  # an auto-pause whose partition got busy meanwhile
-            await self._store.apply(
+            await self._apply(
                 PauseStream(
                     name=name,
                     partitions=partitions,
@@ -378,7 +395,7 @@ class StreamManager:
             if live.metadata.resume_all:
                 ids = tuple(p.id for p in live.partitions if p.paused)
             command = ResumeStream(name=name, partitions=ids, timestamp_ns=self._clock.now_ns())
-            await self._store.apply(command)
+            await self._apply(command)
             live = await self._refresh(name)
             targets = [live.partitions[i] for i in ids]
             try:
@@ -392,7 +409,7 @@ class StreamManager:
     async def _undo_resume(self, live: LiveStream, targets: list[LivePartition]) -> None:
         await self._runner.deactivate(targets, PartitionState.PAUSED)
         try:
-            await self._store.apply(
+            await self._apply(
                 PauseStream(
                     name=live.metadata.name,
                     partitions=tuple(p.id for p in targets),
@@ -413,7 +430,7 @@ class StreamManager:
                 readonly=readonly,
                 timestamp_ns=self._clock.now_ns(),
             )
-            await self._store.apply(command)
+            await self._apply(command)
             before = {p.id: p.readonly for p in self._streams[name].partitions}
             live = await self._refresh(name)
             for partition in live.partitions:

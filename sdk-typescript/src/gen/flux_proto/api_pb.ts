@@ -2732,9 +2732,17 @@ export const API: GenService<{
    * Stores a cursor (beta). Cursors live in the internal `__cursors` stream;
    * the request must be sent to the leader of the `__cursors` partition
    * chosen by CRC-32 (IEEE) of "<cursorId>,<stream>,<partition>" modulo the
-   * number of `__cursors` partitions. Errors: InvalidArgument for an empty
-   * stream or cursorId; FailedPrecondition if this broker is not that
-   * leader; Internal if cursors are disabled or storage fails.
+   * number of `__cursors` partitions. A cursor may move backwards; offset -1
+   * clears it. Errors (Flux reason in brackets): InvalidArgument for an
+   * empty, over-long or malformed stream or cursorId, or an offset below -1
+   * [invalid-argument, stream-reserved]; Internal if cursors are disabled
+   * [cursors-disabled] or storage fails [storage-failed, internal]; NotFound
+   * for an unknown stream or partition [stream-not-found,
+   * partition-not-found] (Flux checks, Liftbridge does not);
+   * FailedPrecondition if this broker is not that leader [not-leader];
+   * OutOfRange for an offset past the partition's newest offset + 1
+   * [offset-out-of-range]; ResourceExhausted when the broker holds its
+   * limit of cursors [resource-limit].
    *
    * @generated from rpc proto.API.SetCursor
    */
@@ -2744,8 +2752,9 @@ export const API: GenService<{
     output: typeof SetCursorResponseSchema;
   },
   /**
-   * Reads a cursor (beta); returns offset -1 if it was never set. Routing
-   * and errors are the same as for SetCursor.
+   * Reads a cursor (beta); returns offset -1 if it was never set, was
+   * cleared, or belongs to an earlier stream of the same name. Routing and
+   * errors are the same as for SetCursor (without the offset checks).
    *
    * @generated from rpc proto.API.FetchCursor
    */
