@@ -974,11 +974,25 @@ async def acked_publish(
             variant=f"async-batch-{w}", notes=f"batches of {w}, each waiting for all its acks",
         )  # fmt: skip
         await measure(results, log, case, run, tool=NATS_BENCH, variant=f"async-batch-{w}")
-    run = natspy_publish_pipelined(server, case, count, w, max_seconds=max_seconds)
-    await measure(results, log, case, run, tool=NATS_PY, variant=f"pipelined-{w}")
-    run = natspy_publish_async(server, case, count, w, max_seconds=max_seconds)
-    await measure(results, log, case, run, tool=NATS_PY, variant=f"publish_async-{w}")
+    await _natspy_publish_rows(results, log, server, case, count, window=w, max_seconds=max_seconds)
     return results
+
+
+async def _natspy_publish_rows(
+    results: list[Result],
+    log: Log,
+    server: JetStreamServer,
+    case: Case,
+    count: int,
+    *,
+    window: int,
+    max_seconds: float,
+) -> None:
+    """Add the two nats-py publish rows (a plain pipelined loop, js.publish_async)."""
+    run = natspy_publish_pipelined(server, case, count, window, max_seconds=max_seconds)
+    await measure(results, log, case, run, tool=NATS_PY, variant=f"pipelined-{window}")
+    run = natspy_publish_async(server, case, count, window, max_seconds=max_seconds)
+    await measure(results, log, case, run, tool=NATS_PY, variant=f"publish_async-{window}")
 
 
 async def async_publish(
@@ -1021,10 +1035,7 @@ async def async_publish(
             f"{FAST_OUTSTANDING_ACKS} flow acks outstanding",
         )  # fmt: skip
         await measure(results, log, case, run, tool=NATS_BENCH, variant="fast-batch")
-    run = natspy_publish_pipelined(server, case, count, w, max_seconds=max_seconds)
-    await measure(results, log, case, run, tool=NATS_PY, variant=f"pipelined-{w}")
-    run = natspy_publish_async(server, case, count, w, max_seconds=max_seconds)
-    await measure(results, log, case, run, tool=NATS_PY, variant=f"publish_async-{w}")
+    await _natspy_publish_rows(results, log, server, case, count, window=w, max_seconds=max_seconds)
     return results
 
 

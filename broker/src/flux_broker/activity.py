@@ -169,8 +169,6 @@ class ActivityPublisher:
         self._poll_interval_s = poll_interval_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Events appended to ``__activity`` by this process (duplicates after a crash count).
-        self.published = 0
 
     def start(self) -> None:
         """Start publishing; pending events from before a restart go first."""
@@ -225,6 +223,5 @@ class ActivityPublisher:
         result = await asyncio.wait_for(asyncio.shield(log.append(records)), self._append_timeout_s)
         # A cluster of one: what the leader wrote is on the whole ISR, so committed.
         log.set_high_watermark(result.last_offset)
-        self.published += len(events)
         await self._store.apply(ActivityPublished(through_id=events[-1].id))
         return True
