@@ -314,9 +314,11 @@ class Broker:
         host = config.string("host")
         port = config.integer("port")
         listen = config.string("listen") or f"{host}:{port}"
+        # The largest request: a Liftbridge message, or a PublishBatch of a whole batch.
         receive_bytes = max(
             GRPC_RECEIVE_MIN_BYTES,
             config.integer("clustering.replication.max.bytes") + _GRPC_ENVELOPE_BYTES,
+            config.integer("streams.batch.max.bytes") + _GRPC_ENVELOPE_BYTES,
         )
         server = grpc.aio.server(
             options=[

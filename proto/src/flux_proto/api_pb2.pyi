@@ -2358,3 +2358,289 @@ class ActivityStreamEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivityStreamEvent: _TypeAlias = ActivityStreamEvent  # noqa: Y015
+
+@_typing.final
+class InitProducerRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    Flux extensions: the batched data path. These messages exist only in Flux;
+    Liftbridge clients never see them.
+    ---------------------------------------------------------------------------
+
+    Request for a producer id (Flux). It has no fields yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitProducerRequest: _TypeAlias = InitProducerRequest  # noqa: Y015
+
+@_typing.final
+class InitProducerResponse(_message.Message):
+    """A producer id for idempotent batched publishes (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCERID_FIELD_NUMBER: _builtins.int
+    producerId: _builtins.int
+    """Non-zero id, unique on this cluster with overwhelming probability
+    (random 63 bits). The producer numbers its batches per partition from
+    0 under this id; see PublishBatchRequest.producerSequence.
+    """
+    def __init__(
+        self,
+        *,
+        producerId: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producerId", b"producerId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitProducerResponse: _TypeAlias = InitProducerResponse  # noqa: Y015
+
+@_typing.final
+class PublishBatchRequest(_message.Message):
+    """One batch of records for one partition of one stream (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ACKPOLICY_FIELD_NUMBER: _builtins.int
+    CORRELATIONID_FIELD_NUMBER: _builtins.int
+    EXPECTEDOFFSET_FIELD_NUMBER: _builtins.int
+    PRODUCERID_FIELD_NUMBER: _builtins.int
+    PRODUCERSEQUENCE_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """Name of the stream."""
+    partition: _builtins.int
+    """Id of the partition; the batch is appended to it directly, without a
+    NATS publish (other streams on the subject do not receive it).
+    """
+    records: _builtins.bytes
+    """The records, framed in the log's record format (28-byte header and a
+    CRC-32C-covered body per record; see the log format reference). The
+    broker checks every record and stamps offset, timestamp and leader
+    epoch; the values the client wrote there are ignored. The batch is
+    appended entirely or not at all. At most streams.batch.max.bytes
+    (default 8 MiB) and at most the gRPC receive limit.
+    """
+    ackPolicy: Global___AckPolicy.ValueType
+    """When to answer. LEADER and ALL answer once the batch is written and
+    committed (this broker is the whole ISR); NONE never answers, not even
+    with an error.
+    """
+    correlationId: _builtins.str
+    """Echoed in the response, to match answers with requests."""
+    producerId: _builtins.int
+    """Producer id from InitProducer; 0 for a producer without idempotence."""
+    producerSequence: _builtins.int
+    """With a producerId: the batch's number among this producer's batches to
+    this partition, 0, 1, 2, ... A batch whose number was already written
+    is not written again: the response repeats the original ack with
+    duplicate set (or fails with DUPLICATE_SEQUENCE once that ack is too
+    old to be remembered). A number past the next one fails with
+    OUT_OF_ORDER_SEQUENCE. Ignored without a producerId.
+    """
+    @_builtins.property
+    def expectedOffset(self) -> Global___NullableInt64:
+        """When set, the offset the batch's first record must get (optimistic
+        concurrency control); otherwise the batch fails with INCORRECT_OFFSET
+        and nothing is written.
+        """
+
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        records: _builtins.bytes = ...,
+        ackPolicy: Global___AckPolicy.ValueType = ...,
+        correlationId: _builtins.str = ...,
+        expectedOffset: Global___NullableInt64 | None = ...,
+        producerId: _builtins.int = ...,
+        producerSequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expectedOffset", b"expectedOffset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ackPolicy", b"ackPolicy", "correlationId", b"correlationId", "expectedOffset", b"expectedOffset", "partition", b"partition", "producerId", b"producerId", "producerSequence", b"producerSequence", "records", b"records", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchRequest: _TypeAlias = PublishBatchRequest  # noqa: Y015
+
+@_typing.final
+class PublishBatchError(_message.Message):
+    """Why a batch was not written (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RECORDINDEX_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code the same failure has on a unary call."""
+    reason: _builtins.str
+    """The Flux error reason (errors reference), e.g. "incorrect-offset"."""
+    message: _builtins.str
+    """Human-readable description."""
+    recordIndex: _builtins.int
+    """Index of the first offending record in the batch, or -1 when the
+    failure is not about one record.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        recordIndex: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason", "recordIndex", b"recordIndex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchError: _TypeAlias = PublishBatchError  # noqa: Y015
+
+@_typing.final
+class PublishBatchResponse(_message.Message):
+    """The answer to one PublishBatchRequest (Flux): an ack or an error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATIONID_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    BASEOFFSET_FIELD_NUMBER: _builtins.int
+    RECORDCOUNT_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    correlationId: _builtins.str
+    """The request's correlationId."""
+    stream: _builtins.str
+    """The stream and partition written to."""
+    partition: _builtins.int
+    baseOffset: _builtins.int
+    """Offset of the batch's first record; its records have consecutive
+    offsets from here.
+    """
+    recordCount: _builtins.int
+    """Number of records written."""
+    timestamp: _builtins.int
+    """Broker timestamp (Unix ns) stamped on every record of the batch."""
+    duplicate: _builtins.bool
+    """True when the batch had been written before (an idempotent retry):
+    the fields above are those of the original write.
+    """
+    @_builtins.property
+    def error(self) -> Global___PublishBatchError:
+        """Set when the batch was not written; the other fields are then unset
+        apart from correlationId, stream and partition.
+        """
+
+    def __init__(
+        self,
+        *,
+        correlationId: _builtins.str = ...,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        baseOffset: _builtins.int = ...,
+        recordCount: _builtins.int = ...,
+        timestamp: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
+        error: Global___PublishBatchError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseOffset", b"baseOffset", "correlationId", b"correlationId", "duplicate", b"duplicate", "error", b"error", "partition", b"partition", "recordCount", b"recordCount", "stream", b"stream", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeBatchRequest(_message.Message):
+    """Request for batches of committed records of one partition (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    MAXBYTES_FIELD_NUMBER: _builtins.int
+    maxBytes: _builtins.int
+    """Most bytes of records per RecordBatch. 0 means 65,536; values over
+    4 MiB are lowered to 4 MiB. A single record larger than the budget is
+    sent alone.
+    """
+    @_builtins.property
+    def subscribe(self) -> Global___SubscribeRequest:
+        """Stream, partition, start and stop positions and resume, with the
+        meaning they have in Subscribe. A consumer (group) is not supported
+        here yet.
+        """
+
+    def __init__(
+        self,
+        *,
+        subscribe: Global___SubscribeRequest | None = ...,
+        maxBytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscribe", b"subscribe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["maxBytes", b"maxBytes", "subscribe", b"subscribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeBatchRequest: _TypeAlias = SubscribeBatchRequest  # noqa: Y015
+
+@_typing.final
+class RecordBatch(_message.Message):
+    """Committed records of one partition in the log's record format (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    RECORDCOUNT_FIELD_NUMBER: _builtins.int
+    FIRSTOFFSET_FIELD_NUMBER: _builtins.int
+    LASTOFFSET_FIELD_NUMBER: _builtins.int
+    HIGHWATERMARK_FIELD_NUMBER: _builtins.int
+    records: _builtins.bytes
+    """The records as stored (offsets, timestamps and epochs stamped), in
+    offset order.
+    """
+    recordCount: _builtins.int
+    """Number of records in records."""
+    firstOffset: _builtins.int
+    """Offsets of the first and last record (-1 in the empty handshake)."""
+    lastOffset: _builtins.int
+    highWatermark: _builtins.int
+    """The partition's high watermark when the batch was read."""
+    def __init__(
+        self,
+        *,
+        records: _builtins.bytes = ...,
+        recordCount: _builtins.int = ...,
+        firstOffset: _builtins.int = ...,
+        lastOffset: _builtins.int = ...,
+        highWatermark: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firstOffset", b"firstOffset", "highWatermark", b"highWatermark", "lastOffset", b"lastOffset", "recordCount", b"recordCount", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordBatch: _TypeAlias = RecordBatch  # noqa: Y015

@@ -120,6 +120,21 @@ class APIStub:
                 request_serializer=flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorRequest.SerializeToString,
                 response_deserializer=flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorResponse.FromString,
                 _registered_method=True)
+        self.InitProducer = channel.unary_unary(
+                '/proto.API/InitProducer',
+                request_serializer=flux__proto_dot_api__pb2.InitProducerRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.InitProducerResponse.FromString,
+                _registered_method=True)
+        self.PublishBatch = channel.stream_stream(
+                '/proto.API/PublishBatch',
+                request_serializer=flux__proto_dot_api__pb2.PublishBatchRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.PublishBatchResponse.FromString,
+                _registered_method=True)
+        self.SubscribeBatch = channel.unary_stream(
+                '/proto.API/SubscribeBatch',
+                request_serializer=flux__proto_dot_api__pb2.SubscribeBatchRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.RecordBatch.FromString,
+                _registered_method=True)
 
 
 class APIServicer:
@@ -317,6 +332,41 @@ class APIServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitProducer(self, request, context):
+        """Returns a new producer id for idempotent PublishBatch calls (Flux).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishBatch(self, request_iterator, context):
+        """Appends batches of client-framed records straight to partitions (Flux).
+        Each request is one batch for one partition, appended entirely or not
+        at all; each gets one PublishBatchResponse (none for ackPolicy NONE),
+        in request order. A failed batch does not end the call: its response
+        carries the error (INVALID_ARGUMENT with the first offending record's
+        index, MESSAGE_TOO_LARGE, STREAM_NOT_FOUND, PARTITION_NOT_FOUND,
+        READONLY, INCORRECT_OFFSET, OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE,
+        STORAGE_FAILED). Paused partitions are resumed. The call ends with
+        Unavailable when the broker shuts down. The server reads a bounded
+        number of batches ahead of its answers, so a fast publisher is slowed
+        by gRPC flow control rather than buffered without bound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeBatch(self, request, context):
+        """Streams batches of committed records of one partition (Flux). The
+        first RecordBatch is empty (the handshake); then batches follow from
+        the start position, each within maxBytes. Positions, errors and ends
+        are those of Subscribe, except that reaching the stop position ends
+        the call with OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_APIServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -399,6 +449,21 @@ def add_APIServicer_to_server(servicer, server):
                     servicer.ReportConsumerGroupCoordinator,
                     request_deserializer=flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorRequest.FromString,
                     response_serializer=flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorResponse.SerializeToString,
+            ),
+            'InitProducer': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducer,
+                    request_deserializer=flux__proto_dot_api__pb2.InitProducerRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.InitProducerResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=flux__proto_dot_api__pb2.PublishBatchRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'SubscribeBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeBatch,
+                    request_deserializer=flux__proto_dot_api__pb2.SubscribeBatchRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.RecordBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -839,6 +904,87 @@ class API:
             '/proto.API/ReportConsumerGroupCoordinator',
             flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorRequest.SerializeToString,
             flux__proto_dot_api__pb2.ReportConsumerGroupCoordinatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proto.API/InitProducer',
+            flux__proto_dot_api__pb2.InitProducerRequest.SerializeToString,
+            flux__proto_dot_api__pb2.InitProducerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/proto.API/PublishBatch',
+            flux__proto_dot_api__pb2.PublishBatchRequest.SerializeToString,
+            flux__proto_dot_api__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/proto.API/SubscribeBatch',
+            flux__proto_dot_api__pb2.SubscribeBatchRequest.SerializeToString,
+            flux__proto_dot_api__pb2.RecordBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -164,6 +164,28 @@ class APIStub:
     the same coordinator within a bounded period. Errors: InvalidArgument
     if groupId, consumerId or coordinator is missing.
     """
+    InitProducer: _grpc.UnaryUnaryMultiCallable[_api_pb2.InitProducerRequest, _api_pb2.InitProducerResponse]
+    """Returns a new producer id for idempotent PublishBatch calls (Flux)."""
+    PublishBatch: _grpc.StreamStreamMultiCallable[_api_pb2.PublishBatchRequest, _api_pb2.PublishBatchResponse]
+    """Appends batches of client-framed records straight to partitions (Flux).
+    Each request is one batch for one partition, appended entirely or not
+    at all; each gets one PublishBatchResponse (none for ackPolicy NONE),
+    in request order. A failed batch does not end the call: its response
+    carries the error (INVALID_ARGUMENT with the first offending record's
+    index, MESSAGE_TOO_LARGE, STREAM_NOT_FOUND, PARTITION_NOT_FOUND,
+    READONLY, INCORRECT_OFFSET, OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE,
+    STORAGE_FAILED). Paused partitions are resumed. The call ends with
+    Unavailable when the broker shuts down. The server reads a bounded
+    number of batches ahead of its answers, so a fast publisher is slowed
+    by gRPC flow control rather than buffered without bound.
+    """
+    SubscribeBatch: _grpc.UnaryStreamMultiCallable[_api_pb2.SubscribeBatchRequest, _api_pb2.RecordBatch]
+    """Streams batches of committed records of one partition (Flux). The
+    first RecordBatch is empty (the handshake); then batches follow from
+    the start position, each within maxBytes. Positions, errors and ends
+    are those of Subscribe, except that reaching the stop position ends
+    the call with OK.
+    """
 
 @_typing.type_check_only
 class APIAsyncStub(APIStub):
@@ -297,6 +319,28 @@ class APIAsyncStub(APIStub):
     new coordinator is chosen once a majority of the group's members report
     the same coordinator within a bounded period. Errors: InvalidArgument
     if groupId, consumerId or coordinator is missing.
+    """
+    InitProducer: _aio.UnaryUnaryMultiCallable[_api_pb2.InitProducerRequest, _api_pb2.InitProducerResponse]  # type: ignore[assignment]
+    """Returns a new producer id for idempotent PublishBatch calls (Flux)."""
+    PublishBatch: _aio.StreamStreamMultiCallable[_api_pb2.PublishBatchRequest, _api_pb2.PublishBatchResponse]  # type: ignore[assignment]
+    """Appends batches of client-framed records straight to partitions (Flux).
+    Each request is one batch for one partition, appended entirely or not
+    at all; each gets one PublishBatchResponse (none for ackPolicy NONE),
+    in request order. A failed batch does not end the call: its response
+    carries the error (INVALID_ARGUMENT with the first offending record's
+    index, MESSAGE_TOO_LARGE, STREAM_NOT_FOUND, PARTITION_NOT_FOUND,
+    READONLY, INCORRECT_OFFSET, OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE,
+    STORAGE_FAILED). Paused partitions are resumed. The call ends with
+    Unavailable when the broker shuts down. The server reads a bounded
+    number of batches ahead of its answers, so a fast publisher is slowed
+    by gRPC flow control rather than buffered without bound.
+    """
+    SubscribeBatch: _aio.UnaryStreamMultiCallable[_api_pb2.SubscribeBatchRequest, _api_pb2.RecordBatch]  # type: ignore[assignment]
+    """Streams batches of committed records of one partition (Flux). The
+    first RecordBatch is empty (the handshake); then batches follow from
+    the start position, each within maxBytes. Positions, errors and ends
+    are those of Subscribe, except that reaching the stop position ends
+    the call with OK.
     """
 
 class APIServicer(metaclass=_abc_1.ABCMeta):
@@ -524,6 +568,46 @@ class APIServicer(metaclass=_abc_1.ABCMeta):
         new coordinator is chosen once a majority of the group's members report
         the same coordinator within a bounded period. Errors: InvalidArgument
         if groupId, consumerId or coordinator is missing.
+        """
+
+    @_abc_1.abstractmethod
+    def InitProducer(
+        self,
+        request: _api_pb2.InitProducerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.InitProducerResponse, _abc.Awaitable[_api_pb2.InitProducerResponse]]:
+        """Returns a new producer id for idempotent PublishBatch calls (Flux)."""
+
+    @_abc_1.abstractmethod
+    def PublishBatch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_api_pb2.PublishBatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_api_pb2.PublishBatchResponse], _abc.AsyncIterator[_api_pb2.PublishBatchResponse]]:
+        """Appends batches of client-framed records straight to partitions (Flux).
+        Each request is one batch for one partition, appended entirely or not
+        at all; each gets one PublishBatchResponse (none for ackPolicy NONE),
+        in request order. A failed batch does not end the call: its response
+        carries the error (INVALID_ARGUMENT with the first offending record's
+        index, MESSAGE_TOO_LARGE, STREAM_NOT_FOUND, PARTITION_NOT_FOUND,
+        READONLY, INCORRECT_OFFSET, OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE,
+        STORAGE_FAILED). Paused partitions are resumed. The call ends with
+        Unavailable when the broker shuts down. The server reads a bounded
+        number of batches ahead of its answers, so a fast publisher is slowed
+        by gRPC flow control rather than buffered without bound.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeBatch(
+        self,
+        request: _api_pb2.SubscribeBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_api_pb2.RecordBatch], _abc.AsyncIterator[_api_pb2.RecordBatch]]:
+        """Streams batches of committed records of one partition (Flux). The
+        first RecordBatch is empty (the handshake); then batches follow from
+        the start position, each within maxBytes. Positions, errors and ends
+        are those of Subscribe, except that reaching the stop position ends
+        the call with OK.
         """
 
 def add_APIServicer_to_server(servicer: APIServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

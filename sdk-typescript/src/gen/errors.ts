@@ -8,10 +8,10 @@ export const REASON_METADATA_KEY = "flux-reason";
 export type GrpcCodeName = "OK" | "CANCELLED" | "UNKNOWN" | "INVALID_ARGUMENT" | "DEADLINE_EXCEEDED" | "NOT_FOUND" | "ALREADY_EXISTS" | "PERMISSION_DENIED" | "RESOURCE_EXHAUSTED" | "FAILED_PRECONDITION" | "ABORTED" | "OUT_OF_RANGE" | "UNIMPLEMENTED" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "UNAUTHENTICATED";
 
 /** Stable identifiers of the conditions in the error table. */
-export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ENCRYPTION_UNAVAILABLE" | "ACK_TIMEOUT" | "ACK_FAILED" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "OFFSET_OUT_OF_RANGE" | "STORAGE_FAILED" | "CORRUPT_RECORD" | "CURSORS_DISABLED" | "UNIMPLEMENTED" | "INTERNAL";
+export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "OUT_OF_ORDER_SEQUENCE" | "DUPLICATE_SEQUENCE" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ENCRYPTION_UNAVAILABLE" | "ACK_TIMEOUT" | "ACK_FAILED" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "OFFSET_OUT_OF_RANGE" | "STORAGE_FAILED" | "CORRUPT_RECORD" | "CURSORS_DISABLED" | "UNIMPLEMENTED" | "INTERNAL";
 
 /** Machine-readable reasons sent in the `flux-reason` trailing metadata. */
-export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "too-large" | "encryption-failed" | "encryption-unavailable" | "ack-timeout" | "ack-failed" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "offset-out-of-range" | "storage-failed" | "corrupt-record" | "cursors-disabled" | "unimplemented" | "internal";
+export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "out-of-order-sequence" | "duplicate-sequence" | "too-large" | "encryption-failed" | "encryption-unavailable" | "ack-timeout" | "ack-failed" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "offset-out-of-range" | "storage-failed" | "corrupt-record" | "cursors-disabled" | "unimplemented" | "internal";
 
 /** One row of the shared error table (see docs/reference/errors.md). */
 export interface FluxErrorEntry {
@@ -140,6 +140,24 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     liftbridgeMessage: null,
     retriable: false,
     description: "Optimistic concurrency check failed: the expected offset is not the offset the record would get; nothing was written.",
+  },
+  {
+    name: "OUT_OF_ORDER_SEQUENCE",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "out-of-order-sequence",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "An idempotent producer's batch number skips ahead of the next one the partition expects (a batch in between is missing); nothing was written.",
+  },
+  {
+    name: "DUPLICATE_SEQUENCE",
+    grpcCode: "ALREADY_EXISTS",
+    grpcCodeNumber: 6,
+    reason: "duplicate-sequence",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "An idempotent producer's batch was written before, but its ack is too old to be repeated; it was not written again.",
   },
   {
     name: "MESSAGE_TOO_LARGE",

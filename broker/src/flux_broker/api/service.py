@@ -3,8 +3,9 @@
 One module per RPC family: :mod:`~flux_broker.api.admin` (CreateStream, DeleteStream),
 :mod:`~flux_broker.api.lifecycle` (PauseStream, SetStreamReadonly),
 :mod:`~flux_broker.api.metadata` (FetchMetadata, FetchPartitionMetadata),
-:mod:`~flux_broker.api.publish` (Publish, PublishAsync, PublishToSubject) and
-:mod:`~flux_broker.api.subscribe` (Subscribe). Every method is wrapped by
+:mod:`~flux_broker.api.publish` (Publish, PublishAsync, PublishToSubject),
+:mod:`~flux_broker.api.publish_batch` (InitProducer, PublishBatch) and
+:mod:`~flux_broker.api.subscribe` (Subscribe, SubscribeBatch). Every method is wrapped by
 :func:`~flux_broker.api.status.guarded`, so whatever it raises ends the call with a status from
 the one error table. RPCs of features that do not exist yet (consumer groups) answer
 UNIMPLEMENTED with reason ``unimplemented``.
@@ -16,7 +17,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from flux_broker.api import admin, cursors, lifecycle, metadata, publish, subscribe
+from flux_broker.api import (
+    admin,
+    cursors,
+    lifecycle,
+    metadata,
+    publish,
+    publish_batch,
+    subscribe,
+)
 from flux_broker.api.context import BrokerContext, ServicerContext
 from flux_broker.api.status import FluxStatus, guarded
 from flux_proto import api_pb2, api_pb2_grpc
@@ -123,6 +132,37 @@ class ApiService(api_pb2_grpc.APIServicer):
     ) -> api_pb2.PublishToSubjectResponse:
         """See :func:`flux_broker.api.publish.publish_to_subject`."""
         return await publish.publish_to_subject(self._broker, request, context.time_remaining())
+
+    # -- the batched data path (Flux) -------------------------------------------------------
+
+    @guarded
+    async def InitProducer(
+        self, request: api_pb2.InitProducerRequest, context: ServicerContext
+    ) -> api_pb2.InitProducerResponse:
+        """See :func:`flux_broker.api.publish_batch.init_producer`."""
+        return publish_batch.init_producer()
+
+    @guarded
+    async def PublishBatch(
+        self,
+        request_iterator: AsyncIterator[api_pb2.PublishBatchRequest],
+        context: ServicerContext,
+    ) -> AsyncIterator[api_pb2.PublishBatchResponse]:
+        """See :func:`flux_broker.api.publish_batch.publish_batch`."""
+        responses = publish_batch.publish_batch(self._broker, request_iterator, self.closing)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
+
+    @guarded
+    async def SubscribeBatch(
+        self, request: api_pb2.SubscribeBatchRequest, context: ServicerContext
+    ) -> AsyncIterator[api_pb2.RecordBatch]:
+        """See :func:`flux_broker.api.subscribe.subscribe_batch`."""
+        batches = subscribe.subscribe_batch(self._broker, request, self.closing)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield batch
 
     # -- cursors and consumer groups (later issues) ----------------------------------------
 

@@ -63,6 +63,7 @@ from flux_broker.metadata.errors import (
     StreamNotFoundError,
 )
 from flux_broker.nats.subjects import RESERVED_PREFIX, InvalidNameError, InvalidSubjectError
+from flux_broker.streams.producers import DuplicateSequenceError, OutOfOrderSequenceError
 from flux_proto.errors import REASON_METADATA_KEY, ErrorEntry, by_name
 
 __all__ = [
@@ -178,6 +179,9 @@ _RULES: Final[tuple[_Rule, ...]] = (
     # Liftbridge clients read as "readonly" or drop the message on).
     _Rule(RecordTooLargeError, by_name("MESSAGE_TOO_LARGE")),
     _Rule(BatchTooLargeError, by_name("MESSAGE_TOO_LARGE")),
+    # Idempotent producers (Flux): a gap, or a duplicate whose ack is forgotten.
+    _Rule(OutOfOrderSequenceError, by_name("OUT_OF_ORDER_SEQUENCE")),
+    _Rule(DuplicateSequenceError, by_name("DUPLICATE_SEQUENCE")),
     # Liftbridge waits or clamps instead; for Flux RPCs reliability-plan §6 asks OUT_OF_RANGE.
     _Rule(OffsetOutOfRangeError, by_name("OFFSET_OUT_OF_RANGE")),
     # Shutting down: UNAVAILABLE is the one code every Liftbridge client retries elsewhere.

@@ -79,14 +79,23 @@ from flux_broker.clock import Clock
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.contract import RecordBatch
 from flux_broker.log.errors import LogClosedError
-from flux_broker.log.format import Record
+from flux_broker.log.format import HEADER, HEADER_BYTES, Record
 from flux_broker.log.reader import ForwardReader
 from flux_broker.streams.delivery import record_to_message
 from flux_broker.streams.live import LivePartition
 from flux_proto import api_pb2
 
-__all__ = ["subscribe"]
+__all__ = [
+    "SUBSCRIBE_BATCH_DEFAULT_BYTES",
+    "SUBSCRIBE_BATCH_MAX_BYTES",
+    "subscribe",
+    "subscribe_batch",
+]
 
+#: SubscribeBatch's byte budget per batch when the client sets none (reliability-plan §6.24).
+SUBSCRIBE_BATCH_DEFAULT_BYTES: Final = 64 * 1024
+#: The largest budget a client may ask for; larger requests are lowered to it.
+SUBSCRIBE_BATCH_MAX_BYTES: Final = 4 * 1024 * 1024
 _START_POSITIONS: Final = frozenset(api_pb2.StartPosition.values())
 _STOP_POSITIONS: Final = frozenset(api_pb2.StopPosition.values())
 _NS_PER_S: Final = 1_000_000_000
@@ -308,7 +317,7 @@ async def _wait_for_batch(
     return read.result() if read.done() and not read.cancelled() else None
 
 
-async def _deliver(
+async def _batches(
     partition: LivePartition,
     reader: ForwardReader,
     *,
@@ -316,10 +325,14 @@ async def _deliver(
     stop: _Stop,
     closing: asyncio.Event,
     clock: Clock,
-) -> AsyncGenerator[api_pb2.Message, None]:
-    """Yield the messages from ``start`` until ``stop``; raise the status that ends the call."""
+    budget_bytes: int,
+) -> AsyncGenerator[RecordBatch, None]:
+    """Yield committed batches from ``start`` up to ``stop``; raise the status that ends the call.
+
+    Each batch holds at most ``budget_bytes`` of records (at least one record), cut to the
+    start and the stop.
+    """
     log = partition.log
-    budget_bytes = log.config.read_max_bytes
     while True:
         if closing.is_set():
             raise _shutting_down()
@@ -336,12 +349,75 @@ async def _deliver(
             batch = await _wait_for_batch(reader, closing, changed, stop.wait_s(clock))
             if batch is None:
                 continue
-        for record in batch.records():
-            if record.offset < start:
-                continue
-            if stop.excludes(record):
-                raise _stop_reached()
-            yield record_to_message(record, partition.stream, partition.id, partition.subject)
+        cut, stopped = _cut(batch, start, stop)
+        if cut is not None:
+            yield cut
+        if stopped:
+            raise _stop_reached()
+
+
+def _cut(batch: RecordBatch, start: int, stop: _Stop) -> tuple[RecordBatch | None, bool]:
+    """``batch`` without records before ``start`` or past ``stop``; and whether it hit the stop.
+
+    Only a batch that straddles the start or an offset stop, or any batch under a timestamp
+    stop, is walked record by record (headers only); others pass as they are.
+    """
+    last_offset = stop.last_offset
+    if (
+        batch.first_offset >= start
+        and (last_offset is None or batch.last_offset <= last_offset)
+        and stop.before_timestamp_ns is None
+    ):
+        return batch, False
+    data = batch.data
+    begin = end = position = 0
+    first = -1
+    last = -1
+    stopped = False
+    while position < len(data):
+        offset, timestamp_ns, _epoch, body_size = HEADER.unpack_from(data, position)
+        size = HEADER_BYTES + body_size
+        if offset < start:
+            begin = end = position + size
+        elif (last_offset is not None and offset > last_offset) or (
+            stop.before_timestamp_ns is not None and timestamp_ns >= stop.before_timestamp_ns
+        ):
+            stopped = True
+            break
+        else:
+            if first < 0:
+                first = offset
+            last = offset
+            end = position + size
+        position += size
+    if first < 0:
+        return None, stopped
+    return RecordBatch(data[begin:end], first, last, last - first + 1), stopped
+
+
+async def _deliver(
+    partition: LivePartition,
+    reader: ForwardReader,
+    *,
+    start: int,
+    stop: _Stop,
+    closing: asyncio.Event,
+    clock: Clock,
+) -> AsyncGenerator[api_pb2.Message, None]:
+    """Yield the messages from ``start`` until ``stop``; raise the status that ends the call."""
+    batches = _batches(
+        partition,
+        reader,
+        start=start,
+        stop=stop,
+        closing=closing,
+        clock=clock,
+        budget_bytes=partition.log.config.read_max_bytes,
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for record in batch.records():
+                yield record_to_message(record, partition.stream, partition.id, partition.subject)
 
 
 async def subscribe(
@@ -363,17 +439,7 @@ async def subscribe(
             PARTITION_PAUSED or UNAVAILABLE after it.
         CorruptRecordError: A stored record failed its checks.
     """
-    partition = await _running(broker, request)
-    if closing.is_set():
-        raise _shutting_down()
-    pauses = partition.pauses
-    try:
-        log = partition.log
-        start = _start_offset(log, request)
-        stop = _stop(log, request, start)
-        reader = log.reader(start, committed=True)
-    except LogClosedError:
-        raise _log_closed(partition, closing, pauses) from None
+    partition, pauses, start, stop, reader = await _open(broker, request, closing)
     try:
         with partition.subscription():
             yield api_pb2.Message()
@@ -385,5 +451,73 @@ async def subscribe(
                     yield message
     except LogClosedError:
         raise _log_closed(partition, closing, pauses) from None
+    finally:
+        reader.close()
+
+
+async def _open(
+    broker: BrokerContext, request: api_pb2.SubscribeRequest, closing: asyncio.Event
+) -> tuple[LivePartition, int, int, _Stop, ForwardReader]:
+    """Validate, resume, and open a committed reader: (partition, pauses, start, stop, reader)."""
+    partition = await _running(broker, request)
+    if closing.is_set():
+        raise _shutting_down()
+    pauses = partition.pauses
+    try:
+        log = partition.log
+        start = _start_offset(log, request)
+        stop = _stop(log, request, start)
+        reader = log.reader(start, committed=True)
+    except LogClosedError:
+        raise _log_closed(partition, closing, pauses) from None
+    return partition, pauses, start, stop, reader
+
+
+async def subscribe_batch(
+    broker: BrokerContext, request: api_pb2.SubscribeBatchRequest, closing: asyncio.Event
+) -> AsyncGenerator[api_pb2.RecordBatch, None]:
+    """Stream one partition's committed records in batches after an empty handshake batch.
+
+    The positions, checks and ends are those of :func:`subscribe`, except that reaching the
+    stop ends the stream normally (OK). Each batch holds at most ``maxBytes`` of records (0:
+    :data:`SUBSCRIBE_BATCH_DEFAULT_BYTES`, capped at :data:`SUBSCRIBE_BATCH_MAX_BYTES`), and
+    at least one record.
+
+    Raises:
+        FluxStatus: As :func:`subscribe`, but never STOP_REACHED; INVALID_ARGUMENT for a
+            negative ``maxBytes``; UNIMPLEMENTED for a consumer-group subscription.
+    """
+    if request.maxBytes < 0:
+        raise _invalid(f"maxBytes {request.maxBytes} is negative: use 0 for the default")
+    budget_bytes = min(request.maxBytes or SUBSCRIBE_BATCH_DEFAULT_BYTES, SUBSCRIBE_BATCH_MAX_BYTES)
+    partition, pauses, start, stop, reader = await _open(broker, request.subscribe, closing)
+    try:
+        with partition.subscription():
+            yield api_pb2.RecordBatch(
+                firstOffset=-1, lastOffset=-1, highWatermark=partition.high_watermark
+            )
+            batches = _batches(
+                partition,
+                reader,
+                start=start,
+                stop=stop,
+                closing=closing,
+                clock=broker.clock,
+                budget_bytes=budget_bytes,
+            )
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    yield api_pb2.RecordBatch(
+                        records=batch.data,
+                        recordCount=batch.count,
+                        firstOffset=batch.first_offset,
+                        lastOffset=batch.last_offset,
+                        highWatermark=partition.high_watermark,
+                    )
+    except LogClosedError:
+        raise _log_closed(partition, closing, pauses) from None
+    except FluxStatus as status:
+        if status.entry.name != "STOP_REACHED":
+            raise
     finally:
         reader.close()

@@ -25,7 +25,7 @@ from flux_broker.clock import Clock, SystemClock
 from flux_broker.log import checkpoint
 from flux_broker.log.cleaner import Cleaner
 from flux_broker.log.config import LogConfig, SyncPolicy
-from flux_broker.log.contract import AppendResult
+from flux_broker.log.contract import AppendGuard, AppendResult
 from flux_broker.log.errors import BatchTooLargeError, CorruptRecordError, LogClosedError
 from flux_broker.log.format import (
     INDEX_ENTRY_BYTES,
@@ -221,33 +221,63 @@ class FileCommitLog:
 
     # -- appending -----------------------------------------------------------------------
 
-    async def append(self, records: Sequence[NewRecord]) -> AppendResult:
+    async def append(
+        self, records: Sequence[NewRecord], *, guard: AppendGuard | None = None
+    ) -> AppendResult:
         """Frame and append ``records`` with one write (see the contract)."""
         if not records:
             raise ValueError("append needs at least one record")
         async with self._append_lock:
             self._check_open()
             at, roll = self._placement()
+            if guard is not None:
+                guard.check(at.base_offset)
             data, entries = frame(
                 records, at, self.config.record_max_bytes, self.config.batch_max_bytes
             )
             result = self._write(data, entries, len(records), at, roll)
+            if guard is not None:
+                guard.written(result)
         await self._syncer.after_append()
         return result
 
-    async def append_framed(self, data: bytes | bytearray) -> AppendResult:
+    async def append_framed(
+        self, data: bytes | bytearray, *, guard: AppendGuard | None = None
+    ) -> AppendResult:
         """Append a client-framed batch, verified and stamped (see the contract)."""
+        result = await self.write_framed(data, guard=guard)
+        await self.wait_durable()
+        return result
+
+    async def write_framed(
+        self, data: bytes | bytearray, *, guard: AppendGuard | None = None
+    ) -> AppendResult:
+        """:meth:`append_framed` without waiting for durability: call :meth:`wait_durable`.
+
+        Lets a writer write batches in order while their fsyncs overlap (group commit).
+        """
         if len(data) > self.config.batch_max_bytes:
             raise BatchTooLargeError(len(data), self.config.batch_max_bytes)
         batch = bytearray(data)  # stamped in place: never the caller's buffer
         async with self._append_lock:
             self._check_open()
             at, roll = self._placement()
+            if guard is not None:
+                guard.check(at.base_offset)
             entries = check_and_stamp(batch, at, self.config.record_max_bytes)
             count = len(entries) // INDEX_ENTRY_BYTES
             result = self._write(batch, entries, count, at, roll)
-        await self._syncer.after_append()
+            if guard is not None:
+                guard.written(result)
         return result
+
+    async def wait_durable(self) -> None:
+        """Return once every write made before the call is durable per the sync policy.
+
+        Raises:
+            LogWriteError: The fsync failed.
+        """
+        await self._syncer.after_append()
 
     def _placement(self) -> tuple[Placement, bool]:
         """Where the next batch goes, and whether the active segment must roll first."""

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from flux_broker.log.format import NewRecord, Record, iter_decode
 
-__all__ = ["AppendResult", "CommitLog", "LogReader", "RecordBatch"]
+__all__ = ["AppendGuard", "AppendResult", "CommitLog", "LogReader", "RecordBatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,23 @@ class AppendResult:
     def count(self) -> int:
         """Number of records appended."""
         return self.last_offset - self.base_offset + 1
+
+
+class AppendGuard(Protocol):
+    """Checks a writer runs atomically with its append (optimistic concurrency, idempotence).
+
+    Both methods run under the log's append lock, with no await between them and the write,
+    so no other append can come in between: :meth:`check` sees the offset the batch will get,
+    and :meth:`written` records the outcome before any other writer's :meth:`check` runs.
+    """
+
+    def check(self, base_offset: int) -> None:
+        """Raise to refuse the append (nothing is written); ``base_offset`` is its first offset."""
+        ...
+
+    def written(self, result: AppendResult) -> None:
+        """The batch was written (not necessarily durable yet) at ``result``. Must not raise."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +159,13 @@ class CommitLog(Protocol):
         """
         ...
 
-    async def append(self, records: Sequence[NewRecord]) -> AppendResult:
+    async def append(
+        self, records: Sequence[NewRecord], *, guard: AppendGuard | None = None
+    ) -> AppendResult:
         """Frame and append ``records`` with one write; durable per the sync policy on return.
+
+        ``guard`` (see :class:`AppendGuard`) runs atomically with the write; whatever its
+        ``check`` raises propagates and nothing is written.
 
         Raises:
             ValueError: ``records`` is empty.
@@ -152,11 +174,14 @@ class CommitLog(Protocol):
         """
         ...
 
-    async def append_framed(self, data: bytes | bytearray) -> AppendResult:
+    async def append_framed(
+        self, data: bytes | bytearray, *, guard: AppendGuard | None = None
+    ) -> AppendResult:
         """Append a batch already in the log's record format (e.g. framed by a client).
 
         Bodies are verified (CRC-32C and structure) and stored as they are; the log stamps
-        offsets, its timestamp and the leader epoch into the headers.
+        offsets, its timestamp and the leader epoch into the headers. ``guard`` as in
+        :meth:`append` (its ``check`` runs before the records are verified).
 
         Raises:
             InvalidBatchError: A record is malformed (``index`` names the first).

@@ -30,6 +30,7 @@ from flux_broker.log.errors import LogClosedError
 from flux_broker.metadata import Partition, Stream
 from flux_broker.streams.partition import Partition as PartitionLeader
 from flux_broker.streams.partition import PartitionStats
+from flux_broker.streams.producers import ProducerTable
 
 __all__ = ["LivePartition", "LiveStream", "PartitionState"]
 
@@ -72,6 +73,7 @@ class LivePartition:
         "_log",
         "_no_subscribers",
         "_offsets",
+        "_producers",
         "activated_ns",
         "auto_pause",
         "id",
@@ -104,6 +106,7 @@ class LivePartition:
         self._log: FileCommitLog | None = None
         self._leader: PartitionLeader | None = None
         self._offsets = (-1, -1)  # (HW, newest) while no log is open
+        self._producers: ProducerTable | None = None
         self._changed = asyncio.Event()
         self._no_subscribers = asyncio.Event()
         self._no_subscribers.set()
@@ -153,6 +156,17 @@ class LivePartition:
         return self._leader
 
     @property
+    def producers(self) -> ProducerTable:
+        """The idempotent producers of the open log (rebuilt from each newly opened log).
+
+        Raises:
+            LogClosedError: The partition is paused.
+        """
+        if self._producers is None:
+            raise LogClosedError(f"stream {self.stream!r} partition {self.id} is paused")
+        return self._producers
+
+    @property
     def high_watermark(self) -> int:
         """Its HW: the log's, or the last known one while paused (-1 when empty)."""
         return self._offsets[0] if self._log is None else self._log.high_watermark
@@ -169,6 +183,7 @@ class LivePartition:
         assert self._log is None, "attach only a partition without a log"
         self._log = log
         self._leader = leader
+        self._producers = ProducerTable()
 
     def release(self, offsets: tuple[int, int] | None = None) -> None:
         """Let go of the (closed) log and its leader, remembering the offsets.
@@ -182,6 +197,7 @@ class LivePartition:
             self._offsets = offsets
         self._log = None
         self._leader = None
+        self._producers = None
 
     def changed(self) -> asyncio.Event:
         """An event set at the next state or flag change (take it before checking the state)."""

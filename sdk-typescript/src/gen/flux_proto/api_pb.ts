@@ -40,7 +40,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file flux_proto/api.proto.
  */
 export const file_flux_proto_api: GenFile = /*@__PURE__*/
-  fileDesc("ChRmbHV4X3Byb3RvL2FwaS5wcm90bxIFcHJvdG8iHgoNTnVsbGFibGVJbnQ2NBINCgV2YWx1ZRgBIAEoAyIeCg1OdWxsYWJsZUludDMyEg0KBXZhbHVlGAEgASgFIh0KDE51bGxhYmxlQm9vbBINCgV2YWx1ZRgBIAEoCCLlBQoTQ3JlYXRlU3RyZWFtUmVxdWVzdBIPCgdzdWJqZWN0GAEgASgJEgwKBG5hbWUYAiABKAkSDQoFZ3JvdXAYAyABKAkSGQoRcmVwbGljYXRpb25GYWN0b3IYBCABKAUSEgoKcGFydGl0aW9ucxgFIAEoBRIvChFyZXRlbnRpb25NYXhCeXRlcxgGIAEoCzIULnByb3RvLk51bGxhYmxlSW50NjQSMgoUcmV0ZW50aW9uTWF4TWVzc2FnZXMYByABKAsyFC5wcm90by5OdWxsYWJsZUludDY0Ei0KD3JldGVudGlvbk1heEFnZRgIIAEoCzIULnByb3RvLk51bGxhYmxlSW50NjQSLQoPY2xlYW5lckludGVydmFsGAkgASgLMhQucHJvdG8uTnVsbGFibGVJbnQ2NBItCg9zZWdtZW50TWF4Qnl0ZXMYCiABKAsyFC5wcm90by5OdWxsYWJsZUludDY0EisKDXNlZ21lbnRNYXhBZ2UYCyABKAsyFC5wcm90by5OdWxsYWJsZUludDY0EjIKFGNvbXBhY3RNYXhHb3JvdXRpbmVzGAwgASgLMhQucHJvdG8uTnVsbGFibGVJbnQzMhIrCg5jb21wYWN0RW5hYmxlZBgNIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbBIrCg1hdXRvUGF1c2VUaW1lGA4gASgLMhQucHJvdG8uTnVsbGFibGVJbnQ2NBI6Ch1hdXRvUGF1c2VEaXNhYmxlSWZTdWJzY3JpYmVycxgPIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbBIkCgZtaW5Jc3IYECABKAsyFC5wcm90by5OdWxsYWJsZUludDMyEjkKHG9wdGltaXN0aWNDb25jdXJyZW5jeUNvbnRyb2wYESABKAsyEy5wcm90by5OdWxsYWJsZUJvb2wSJwoKZW5jcnlwdGlvbhgSIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbCIWChRDcmVhdGVTdHJlYW1SZXNwb25zZSIjChNEZWxldGVTdHJlYW1SZXF1ZXN0EgwKBG5hbWUYASABKAkiFgoURGVsZXRlU3RyZWFtUmVzcG9uc2UiSQoSUGF1c2VTdHJlYW1SZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIRCglyZXN1bWVBbGwYAyABKAgiFQoTUGF1c2VTdHJlYW1SZXNwb25zZSJOChhTZXRTdHJlYW1SZWFkb25seVJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpwYXJ0aXRpb25zGAIgAygFEhAKCHJlYWRvbmx5GAMgASgIIhsKGVNldFN0cmVhbVJlYWRvbmx5UmVzcG9uc2UiQwoIQ29uc3VtZXISDwoHZ3JvdXBJZBgBIAEoCRISCgpncm91cEVwb2NoGAIgASgEEhIKCmNvbnN1bWVySWQYAyABKAkitgIKEFN1YnNjcmliZVJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBRIrCg1zdGFydFBvc2l0aW9uGAMgASgOMhQucHJvdG8uU3RhcnRQb3NpdGlvbhITCgtzdGFydE9mZnNldBgEIAEoAxIWCg5zdGFydFRpbWVzdGFtcBgFIAEoAxIWCg5yZWFkSVNSUmVwbGljYRgGIAEoCBIOCgZyZXN1bWUYByABKAgSKQoMc3RvcFBvc2l0aW9uGAggASgOMhMucHJvdG8uU3RvcFBvc2l0aW9uEhIKCnN0b3BPZmZzZXQYCSABKAMSFQoNc3RvcFRpbWVzdGFtcBgKIAEoAxIhCghjb25zdW1lchgLIAEoCzIPLnByb3RvLkNvbnN1bWVySgQIDBANIjcKFEZldGNoTWV0YWRhdGFSZXF1ZXN0Eg8KB3N0cmVhbXMYASADKAkSDgoGZ3JvdXBzGAIgAygJIpsBChVGZXRjaE1ldGFkYXRhUmVzcG9uc2USHgoHYnJva2VycxgBIAMoCzINLnByb3RvLkJyb2tlchItCg5zdHJlYW1NZXRhZGF0YRgCIAMoCzIVLnByb3RvLlN0cmVhbU1ldGFkYXRhEjMKDWdyb3VwTWV0YWRhdGEYAyADKAsyHC5wcm90by5Db25zdW1lckdyb3VwTWV0YWRhdGEiQgodRmV0Y2hQYXJ0aXRpb25NZXRhZGF0YVJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBSJMCh5GZXRjaFBhcnRpdGlvbk1ldGFkYXRhUmVzcG9uc2USKgoIbWV0YWRhdGEYASABKAsyGC5wcm90by5QYXJ0aXRpb25NZXRhZGF0YSKaAgoOUHVibGlzaFJlcXVlc3QSCwoDa2V5GAEgASgMEg0KBXZhbHVlGAIgASgMEg4KBnN0cmVhbRgDIAEoCRIRCglwYXJ0aXRpb24YBCABKAUSMwoHaGVhZGVycxgFIAMoCzIiLnByb3RvLlB1Ymxpc2hSZXF1ZXN0LkhlYWRlcnNFbnRyeRIQCghhY2tJbmJveBgGIAEoCRIVCg1jb3JyZWxhdGlvbklkGAcgASgJEiMKCWFja1BvbGljeRgIIAEoDjIQLnByb3RvLkFja1BvbGljeRIWCg5leHBlY3RlZE9mZnNldBgJIAEoAxouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMOgI4ASLnAQoRUHVibGlzaEFzeW5jRXJyb3ISKwoEY29kZRgBIAEoDjIdLnByb3RvLlB1Ymxpc2hBc3luY0Vycm9yLkNvZGUSDwoHbWVzc2FnZRgCIAEoCSKTAQoEQ29kZRILCgdVTktOT1dOEAASDwoLQkFEX1JFUVVFU1QQARINCglOT1RfRk9VTkQQAhIMCghJTlRFUk5BTBADEgwKCFJFQURPTkxZEAQSFAoQSU5DT1JSRUNUX09GRlNFVBAFEhUKEUVOQ1JZUFRJT05fRkFJTEVEEAYSFQoRUEVSTUlTU0lPTl9ERU5JRUQQByJvCg9QdWJsaXNoUmVzcG9uc2USFwoDYWNrGAEgASgLMgoucHJvdG8uQWNrEiwKCmFzeW5jRXJyb3IYAiABKAsyGC5wcm90by5QdWJsaXNoQXN5bmNFcnJvchIVCg1jb3JyZWxhdGlvbklkGAMgASgJIoICChdQdWJsaXNoVG9TdWJqZWN0UmVxdWVzdBILCgNrZXkYASABKAwSDQoFdmFsdWUYAiABKAwSDwoHc3ViamVjdBgDIAEoCRI8CgdoZWFkZXJzGAQgAygLMisucHJvdG8uUHVibGlzaFRvU3ViamVjdFJlcXVlc3QuSGVhZGVyc0VudHJ5EhAKCGFja0luYm94GAUgASgJEhUKDWNvcnJlbGF0aW9uSWQYBiABKAkSIwoJYWNrUG9saWN5GAcgASgOMhAucHJvdG8uQWNrUG9saWN5Gi4KDEhlYWRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAw6AjgBIjMKGFB1Ymxpc2hUb1N1YmplY3RSZXNwb25zZRIXCgNhY2sYASABKAsyCi5wcm90by5BY2siVwoQU2V0Q3Vyc29yUmVxdWVzdBIOCgZzdHJlYW0YASABKAkSEQoJcGFydGl0aW9uGAIgASgFEhAKCGN1cnNvcklkGAMgASgJEg4KBm9mZnNldBgEIAEoAyITChFTZXRDdXJzb3JSZXNwb25zZSJJChJGZXRjaEN1cnNvclJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBRIQCghjdXJzb3JJZBgDIAEoCSIlChNGZXRjaEN1cnNvclJlc3BvbnNlEg4KBm9mZnNldBgBIAEoAyJQChhKb2luQ29uc3VtZXJHcm91cFJlcXVlc3QSDwoHZ3JvdXBJZBgBIAEoCRISCgpjb25zdW1lcklkGAIgASgJEg8KB3N0cmVhbXMYAyADKAkidAoZSm9pbkNvbnN1bWVyR3JvdXBSZXNwb25zZRITCgtjb29yZGluYXRvchgBIAEoCRINCgVlcG9jaBgCIAEoBBIXCg9jb25zdW1lclRpbWVvdXQYAyABKAMSGgoSY29vcmRpbmF0b3JUaW1lb3V0GAQgASgDIkAKGUxlYXZlQ29uc3VtZXJHcm91cFJlcXVlc3QSDwoHZ3JvdXBJZBgBIAEoCRISCgpjb25zdW1lcklkGAIgASgJIhwKGkxlYXZlQ29uc3VtZXJHcm91cFJlc3BvbnNlIloKJEZldGNoQ29uc3VtZXJHcm91cEFzc2lnbm1lbnRzUmVxdWVzdBIPCgdncm91cElkGAEgASgJEhIKCmNvbnN1bWVySWQYAiABKAkSDQoFZXBvY2gYAyABKAQiOQoTUGFydGl0aW9uQXNzaWdubWVudBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBSJnCiVGZXRjaENvbnN1bWVyR3JvdXBBc3NpZ25tZW50c1Jlc3BvbnNlEg0KBWVwb2NoGAEgASgEEi8KC2Fzc2lnbm1lbnRzGAIgAygLMhoucHJvdG8uUGFydGl0aW9uQXNzaWdubWVudCJwCiVSZXBvcnRDb25zdW1lckdyb3VwQ29vcmRpbmF0b3JSZXF1ZXN0Eg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRITCgtjb29yZGluYXRvchgDIAEoCRINCgVlcG9jaBgEIAEoBCIoCiZSZXBvcnRDb25zdW1lckdyb3VwQ29vcmRpbmF0b3JSZXNwb25zZSJdCgZCcm9rZXISCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgFEhYKDnBhcnRpdGlvbkNvdW50GAQgASgFEhMKC2xlYWRlckNvdW50GAUgASgFItsCCg5TdHJlYW1NZXRhZGF0YRIMCgRuYW1lGAEgASgJEg8KB3N1YmplY3QYAiABKAkSKgoFZXJyb3IYAyABKA4yGy5wcm90by5TdHJlYW1NZXRhZGF0YS5FcnJvchI5CgpwYXJ0aXRpb25zGAQgAygLMiUucHJvdG8uU3RyZWFtTWV0YWRhdGEuUGFydGl0aW9uc0VudHJ5EhkKEWNyZWF0aW9uVGltZXN0YW1wGAUgASgDEjYKD2VmZmVjdGl2ZUNvbmZpZxjoByABKAsyHC5wcm90by5FZmZlY3RpdmVTdHJlYW1Db25maWcaSwoPUGFydGl0aW9uc0VudHJ5EgsKA2tleRgBIAEoBRInCgV2YWx1ZRgCIAEoCzIYLnByb3RvLlBhcnRpdGlvbk1ldGFkYXRhOgI4ASIjCgVFcnJvchIGCgJPSxAAEhIKDlVOS05PV05fU1RSRUFNEAEi8AIKFUVmZmVjdGl2ZVN0cmVhbUNvbmZpZxIZChFyZXRlbnRpb25NYXhCeXRlcxgBIAEoAxIcChRyZXRlbnRpb25NYXhNZXNzYWdlcxgCIAEoAxIXCg9yZXRlbnRpb25NYXhBZ2UYAyABKAMSFwoPY2xlYW5lckludGVydmFsGAQgASgDEhcKD3NlZ21lbnRNYXhCeXRlcxgFIAEoAxIVCg1zZWdtZW50TWF4QWdlGAYgASgDEhwKFGNvbXBhY3RNYXhHb3JvdXRpbmVzGAcgASgFEhYKDmNvbXBhY3RFbmFibGVkGAggASgIEhUKDWF1dG9QYXVzZVRpbWUYCSABKAMSJQodYXV0b1BhdXNlRGlzYWJsZUlmU3Vic2NyaWJlcnMYCiABKAgSDgoGbWluSXNyGAsgASgFEiQKHG9wdGltaXN0aWNDb25jdXJyZW5jeUNvbnRyb2wYDCABKAgSEgoKZW5jcnlwdGlvbhgNIAEoCCKjAQoVQ29uc3VtZXJHcm91cE1ldGFkYXRhEg8KB2dyb3VwSWQYASABKAkSMQoFZXJyb3IYAiABKA4yIi5wcm90by5Db25zdW1lckdyb3VwTWV0YWRhdGEuRXJyb3ISEwoLY29vcmRpbmF0b3IYAyABKAkSDQoFZXBvY2gYBCABKAQiIgoFRXJyb3ISBgoCT0sQABIRCg1VTktOT1dOX0dST1VQEAEiSwoYUGFydGl0aW9uRXZlbnRUaW1lc3RhbXBzEhYKDmZpcnN0VGltZXN0YW1wGAEgASgDEhcKD2xhdGVzdFRpbWVzdGFtcBgCIAEoAyLZAgoRUGFydGl0aW9uTWV0YWRhdGESCgoCaWQYASABKAUSDgoGbGVhZGVyGAIgASgJEhAKCHJlcGxpY2FzGAMgAygJEgsKA2lzchgEIAMoCRIVCg1oaWdoV2F0ZXJtYXJrGAUgASgDEhQKDG5ld2VzdE9mZnNldBgGIAEoAxIOCgZwYXVzZWQYByABKAgSEAoIcmVhZG9ubHkYCCABKAgSQwoabWVzc2FnZXNSZWNlaXZlZFRpbWVzdGFtcHMYCSABKAsyHy5wcm90by5QYXJ0aXRpb25FdmVudFRpbWVzdGFtcHMSOAoPcGF1c2VUaW1lc3RhbXBzGAogASgLMh8ucHJvdG8uUGFydGl0aW9uRXZlbnRUaW1lc3RhbXBzEjsKEnJlYWRvbmx5VGltZXN0YW1wcxgLIAEoCzIfLnByb3RvLlBhcnRpdGlvbkV2ZW50VGltZXN0YW1wcyK+AgoHTWVzc2FnZRIOCgZvZmZzZXQYASABKAMSCwoDa2V5GAIgASgMEg0KBXZhbHVlGAMgASgMEhEKCXRpbWVzdGFtcBgEIAEoAxIOCgZzdHJlYW0YBSABKAkSEQoJcGFydGl0aW9uGAYgASgFEg8KB3N1YmplY3QYByABKAkSFAoMcmVwbHlTdWJqZWN0GAggASgJEiwKB2hlYWRlcnMYCSADKAsyGy5wcm90by5NZXNzYWdlLkhlYWRlcnNFbnRyeRIQCghhY2tJbmJveBgKIAEoCRIVCg1jb3JyZWxhdGlvbklkGAsgASgJEiMKCWFja1BvbGljeRgMIAEoDjIQLnByb3RvLkFja1BvbGljeRouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMOgI4ASLNAgoDQWNrEg4KBnN0cmVhbRgBIAEoCRIYChBwYXJ0aXRpb25TdWJqZWN0GAIgASgJEhIKCm1zZ1N1YmplY3QYAyABKAkSDgoGb2Zmc2V0GAQgASgDEhAKCGFja0luYm94GAUgASgJEhUKDWNvcnJlbGF0aW9uSWQYBiABKAkSIwoJYWNrUG9saWN5GAcgASgOMhAucHJvdG8uQWNrUG9saWN5EhoKEnJlY2VwdGlvblRpbWVzdGFtcBgIIAEoAxIXCg9jb21taXRUaW1lc3RhbXAYCSABKAMSIgoIYWNrRXJyb3IYCiABKA4yEC5wcm90by5BY2suRXJyb3IiUQoFRXJyb3ISBgoCT0sQABILCgdVTktOT1dOEAESFAoQSU5DT1JSRUNUX09GRlNFVBACEg0KCVRPT19MQVJHRRADEg4KCkVOQ1JZUFRJT04QBCI0Cg5DcmVhdGVTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBSIgCg5EZWxldGVTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkiRgoNUGF1c2VTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIRCglyZXN1bWVBbGwYAyABKAgiNAoOUmVzdW1lU3RyZWFtT3ASDgoGc3RyZWFtGAEgASgJEhIKCnBhcnRpdGlvbnMYAiADKAUiSwoTU2V0U3RyZWFtUmVhZG9ubHlPcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIQCghyZWFkb25seRgDIAEoCCJLChNKb2luQ29uc3VtZXJHcm91cE9wEg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRIPCgdzdHJlYW1zGAMgAygJIkwKFExlYXZlQ29uc3VtZXJHcm91cE9wEg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRIPCgdleHBpcmVkGAMgASgIIq0DChNBY3Rpdml0eVN0cmVhbUV2ZW50EgoKAmlkGAEgASgEEiMKAm9wGAIgASgOMhcucHJvdG8uQWN0aXZpdHlTdHJlYW1PcBItCg5jcmVhdGVTdHJlYW1PcBgDIAEoCzIVLnByb3RvLkNyZWF0ZVN0cmVhbU9wEi0KDmRlbGV0ZVN0cmVhbU9wGAQgASgLMhUucHJvdG8uRGVsZXRlU3RyZWFtT3ASKwoNcGF1c2VTdHJlYW1PcBgFIAEoCzIULnByb3RvLlBhdXNlU3RyZWFtT3ASLQoOcmVzdW1lU3RyZWFtT3AYBiABKAsyFS5wcm90by5SZXN1bWVTdHJlYW1PcBI3ChNzZXRTdHJlYW1SZWFkb25seU9wGAcgASgLMhoucHJvdG8uU2V0U3RyZWFtUmVhZG9ubHlPcBI3ChNqb2luQ29uc3VtZXJHcm91cE9wGAggASgLMhoucHJvdG8uSm9pbkNvbnN1bWVyR3JvdXBPcBI5ChRsZWF2ZUNvbnN1bWVyR3JvdXBPcBgJIAEoCzIbLnByb3RvLkxlYXZlQ29uc3VtZXJHcm91cE9wKlIKDVN0YXJ0UG9zaXRpb24SDAoITkVXX09OTFkQABIKCgZPRkZTRVQQARIMCghFQVJMSUVTVBACEgoKBkxBVEVTVBADEg0KCVRJTUVTVEFNUBAEKlgKDFN0b3BQb3NpdGlvbhISCg5TVE9QX09OX0NBTkNFTBAAEg8KC1NUT1BfT0ZGU0VUEAESDwoLU1RPUF9MQVRFU1QQAhISCg5TVE9QX1RJTUVTVEFNUBADKioKCUFja1BvbGljeRIKCgZMRUFERVIQABIHCgNBTEwQARIICgROT05FEAIqqQEKEEFjdGl2aXR5U3RyZWFtT3ASEQoNQ1JFQVRFX1NUUkVBTRAAEhEKDURFTEVURV9TVFJFQU0QARIQCgxQQVVTRV9TVFJFQU0QAhIRCg1SRVNVTUVfU1RSRUFNEAMSFwoTU0VUX1NUUkVBTV9SRUFET05MWRAEEhcKE0pPSU5fQ09OU1VNRVJfR1JPVVAQBRIYChRMRUFWRV9DT05TVU1FUl9HUk9VUBAGMsYKCgNBUEkSSQoMQ3JlYXRlU3RyZWFtEhoucHJvdG8uQ3JlYXRlU3RyZWFtUmVxdWVzdBobLnByb3RvLkNyZWF0ZVN0cmVhbVJlc3BvbnNlIgASSQoMRGVsZXRlU3RyZWFtEhoucHJvdG8uRGVsZXRlU3RyZWFtUmVxdWVzdBobLnByb3RvLkRlbGV0ZVN0cmVhbVJlc3BvbnNlIgASRgoLUGF1c2VTdHJlYW0SGS5wcm90by5QYXVzZVN0cmVhbVJlcXVlc3QaGi5wcm90by5QYXVzZVN0cmVhbVJlc3BvbnNlIgASWAoRU2V0U3RyZWFtUmVhZG9ubHkSHy5wcm90by5TZXRTdHJlYW1SZWFkb25seVJlcXVlc3QaIC5wcm90by5TZXRTdHJlYW1SZWFkb25seVJlc3BvbnNlIgASOAoJU3Vic2NyaWJlEhcucHJvdG8uU3Vic2NyaWJlUmVxdWVzdBoOLnByb3RvLk1lc3NhZ2UiADABEkwKDUZldGNoTWV0YWRhdGESGy5wcm90by5GZXRjaE1ldGFkYXRhUmVxdWVzdBocLnByb3RvLkZldGNoTWV0YWRhdGFSZXNwb25zZSIAEmcKFkZldGNoUGFydGl0aW9uTWV0YWRhdGESJC5wcm90by5GZXRjaFBhcnRpdGlvbk1ldGFkYXRhUmVxdWVzdBolLnByb3RvLkZldGNoUGFydGl0aW9uTWV0YWRhdGFSZXNwb25zZSIAEjoKB1B1Ymxpc2gSFS5wcm90by5QdWJsaXNoUmVxdWVzdBoWLnByb3RvLlB1Ymxpc2hSZXNwb25zZSIAEkMKDFB1Ymxpc2hBc3luYxIVLnByb3RvLlB1Ymxpc2hSZXF1ZXN0GhYucHJvdG8uUHVibGlzaFJlc3BvbnNlIgAoATABElUKEFB1Ymxpc2hUb1N1YmplY3QSHi5wcm90by5QdWJsaXNoVG9TdWJqZWN0UmVxdWVzdBofLnByb3RvLlB1Ymxpc2hUb1N1YmplY3RSZXNwb25zZSIAEkAKCVNldEN1cnNvchIXLnByb3RvLlNldEN1cnNvclJlcXVlc3QaGC5wcm90by5TZXRDdXJzb3JSZXNwb25zZSIAEkYKC0ZldGNoQ3Vyc29yEhkucHJvdG8uRmV0Y2hDdXJzb3JSZXF1ZXN0GhoucHJvdG8uRmV0Y2hDdXJzb3JSZXNwb25zZSIAElgKEUpvaW5Db25zdW1lckdyb3VwEh8ucHJvdG8uSm9pbkNvbnN1bWVyR3JvdXBSZXF1ZXN0GiAucHJvdG8uSm9pbkNvbnN1bWVyR3JvdXBSZXNwb25zZSIAElsKEkxlYXZlQ29uc3VtZXJHcm91cBIgLnByb3RvLkxlYXZlQ29uc3VtZXJHcm91cFJlcXVlc3QaIS5wcm90by5MZWF2ZUNvbnN1bWVyR3JvdXBSZXNwb25zZSIAEnwKHUZldGNoQ29uc3VtZXJHcm91cEFzc2lnbm1lbnRzEisucHJvdG8uRmV0Y2hDb25zdW1lckdyb3VwQXNzaWdubWVudHNSZXF1ZXN0GiwucHJvdG8uRmV0Y2hDb25zdW1lckdyb3VwQXNzaWdubWVudHNSZXNwb25zZSIAEn8KHlJlcG9ydENvbnN1bWVyR3JvdXBDb29yZGluYXRvchIsLnByb3RvLlJlcG9ydENvbnN1bWVyR3JvdXBDb29yZGluYXRvclJlcXVlc3QaLS5wcm90by5SZXBvcnRDb25zdW1lckdyb3VwQ29vcmRpbmF0b3JSZXNwb25zZSIAQhUKE2lvLmxpZnRicmlkZ2UucHJvdG9iBnByb3RvMw");
+  fileDesc("ChRmbHV4X3Byb3RvL2FwaS5wcm90bxIFcHJvdG8iHgoNTnVsbGFibGVJbnQ2NBINCgV2YWx1ZRgBIAEoAyIeCg1OdWxsYWJsZUludDMyEg0KBXZhbHVlGAEgASgFIh0KDE51bGxhYmxlQm9vbBINCgV2YWx1ZRgBIAEoCCLlBQoTQ3JlYXRlU3RyZWFtUmVxdWVzdBIPCgdzdWJqZWN0GAEgASgJEgwKBG5hbWUYAiABKAkSDQoFZ3JvdXAYAyABKAkSGQoRcmVwbGljYXRpb25GYWN0b3IYBCABKAUSEgoKcGFydGl0aW9ucxgFIAEoBRIvChFyZXRlbnRpb25NYXhCeXRlcxgGIAEoCzIULnByb3RvLk51bGxhYmxlSW50NjQSMgoUcmV0ZW50aW9uTWF4TWVzc2FnZXMYByABKAsyFC5wcm90by5OdWxsYWJsZUludDY0Ei0KD3JldGVudGlvbk1heEFnZRgIIAEoCzIULnByb3RvLk51bGxhYmxlSW50NjQSLQoPY2xlYW5lckludGVydmFsGAkgASgLMhQucHJvdG8uTnVsbGFibGVJbnQ2NBItCg9zZWdtZW50TWF4Qnl0ZXMYCiABKAsyFC5wcm90by5OdWxsYWJsZUludDY0EisKDXNlZ21lbnRNYXhBZ2UYCyABKAsyFC5wcm90by5OdWxsYWJsZUludDY0EjIKFGNvbXBhY3RNYXhHb3JvdXRpbmVzGAwgASgLMhQucHJvdG8uTnVsbGFibGVJbnQzMhIrCg5jb21wYWN0RW5hYmxlZBgNIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbBIrCg1hdXRvUGF1c2VUaW1lGA4gASgLMhQucHJvdG8uTnVsbGFibGVJbnQ2NBI6Ch1hdXRvUGF1c2VEaXNhYmxlSWZTdWJzY3JpYmVycxgPIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbBIkCgZtaW5Jc3IYECABKAsyFC5wcm90by5OdWxsYWJsZUludDMyEjkKHG9wdGltaXN0aWNDb25jdXJyZW5jeUNvbnRyb2wYESABKAsyEy5wcm90by5OdWxsYWJsZUJvb2wSJwoKZW5jcnlwdGlvbhgSIAEoCzITLnByb3RvLk51bGxhYmxlQm9vbCIWChRDcmVhdGVTdHJlYW1SZXNwb25zZSIjChNEZWxldGVTdHJlYW1SZXF1ZXN0EgwKBG5hbWUYASABKAkiFgoURGVsZXRlU3RyZWFtUmVzcG9uc2UiSQoSUGF1c2VTdHJlYW1SZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIRCglyZXN1bWVBbGwYAyABKAgiFQoTUGF1c2VTdHJlYW1SZXNwb25zZSJOChhTZXRTdHJlYW1SZWFkb25seVJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpwYXJ0aXRpb25zGAIgAygFEhAKCHJlYWRvbmx5GAMgASgIIhsKGVNldFN0cmVhbVJlYWRvbmx5UmVzcG9uc2UiQwoIQ29uc3VtZXISDwoHZ3JvdXBJZBgBIAEoCRISCgpncm91cEVwb2NoGAIgASgEEhIKCmNvbnN1bWVySWQYAyABKAkitgIKEFN1YnNjcmliZVJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBRIrCg1zdGFydFBvc2l0aW9uGAMgASgOMhQucHJvdG8uU3RhcnRQb3NpdGlvbhITCgtzdGFydE9mZnNldBgEIAEoAxIWCg5zdGFydFRpbWVzdGFtcBgFIAEoAxIWCg5yZWFkSVNSUmVwbGljYRgGIAEoCBIOCgZyZXN1bWUYByABKAgSKQoMc3RvcFBvc2l0aW9uGAggASgOMhMucHJvdG8uU3RvcFBvc2l0aW9uEhIKCnN0b3BPZmZzZXQYCSABKAMSFQoNc3RvcFRpbWVzdGFtcBgKIAEoAxIhCghjb25zdW1lchgLIAEoCzIPLnByb3RvLkNvbnN1bWVySgQIDBANIjcKFEZldGNoTWV0YWRhdGFSZXF1ZXN0Eg8KB3N0cmVhbXMYASADKAkSDgoGZ3JvdXBzGAIgAygJIpsBChVGZXRjaE1ldGFkYXRhUmVzcG9uc2USHgoHYnJva2VycxgBIAMoCzINLnByb3RvLkJyb2tlchItCg5zdHJlYW1NZXRhZGF0YRgCIAMoCzIVLnByb3RvLlN0cmVhbU1ldGFkYXRhEjMKDWdyb3VwTWV0YWRhdGEYAyADKAsyHC5wcm90by5Db25zdW1lckdyb3VwTWV0YWRhdGEiQgodRmV0Y2hQYXJ0aXRpb25NZXRhZGF0YVJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBSJMCh5GZXRjaFBhcnRpdGlvbk1ldGFkYXRhUmVzcG9uc2USKgoIbWV0YWRhdGEYASABKAsyGC5wcm90by5QYXJ0aXRpb25NZXRhZGF0YSKaAgoOUHVibGlzaFJlcXVlc3QSCwoDa2V5GAEgASgMEg0KBXZhbHVlGAIgASgMEg4KBnN0cmVhbRgDIAEoCRIRCglwYXJ0aXRpb24YBCABKAUSMwoHaGVhZGVycxgFIAMoCzIiLnByb3RvLlB1Ymxpc2hSZXF1ZXN0LkhlYWRlcnNFbnRyeRIQCghhY2tJbmJveBgGIAEoCRIVCg1jb3JyZWxhdGlvbklkGAcgASgJEiMKCWFja1BvbGljeRgIIAEoDjIQLnByb3RvLkFja1BvbGljeRIWCg5leHBlY3RlZE9mZnNldBgJIAEoAxouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMOgI4ASLnAQoRUHVibGlzaEFzeW5jRXJyb3ISKwoEY29kZRgBIAEoDjIdLnByb3RvLlB1Ymxpc2hBc3luY0Vycm9yLkNvZGUSDwoHbWVzc2FnZRgCIAEoCSKTAQoEQ29kZRILCgdVTktOT1dOEAASDwoLQkFEX1JFUVVFU1QQARINCglOT1RfRk9VTkQQAhIMCghJTlRFUk5BTBADEgwKCFJFQURPTkxZEAQSFAoQSU5DT1JSRUNUX09GRlNFVBAFEhUKEUVOQ1JZUFRJT05fRkFJTEVEEAYSFQoRUEVSTUlTU0lPTl9ERU5JRUQQByJvCg9QdWJsaXNoUmVzcG9uc2USFwoDYWNrGAEgASgLMgoucHJvdG8uQWNrEiwKCmFzeW5jRXJyb3IYAiABKAsyGC5wcm90by5QdWJsaXNoQXN5bmNFcnJvchIVCg1jb3JyZWxhdGlvbklkGAMgASgJIoICChdQdWJsaXNoVG9TdWJqZWN0UmVxdWVzdBILCgNrZXkYASABKAwSDQoFdmFsdWUYAiABKAwSDwoHc3ViamVjdBgDIAEoCRI8CgdoZWFkZXJzGAQgAygLMisucHJvdG8uUHVibGlzaFRvU3ViamVjdFJlcXVlc3QuSGVhZGVyc0VudHJ5EhAKCGFja0luYm94GAUgASgJEhUKDWNvcnJlbGF0aW9uSWQYBiABKAkSIwoJYWNrUG9saWN5GAcgASgOMhAucHJvdG8uQWNrUG9saWN5Gi4KDEhlYWRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAw6AjgBIjMKGFB1Ymxpc2hUb1N1YmplY3RSZXNwb25zZRIXCgNhY2sYASABKAsyCi5wcm90by5BY2siVwoQU2V0Q3Vyc29yUmVxdWVzdBIOCgZzdHJlYW0YASABKAkSEQoJcGFydGl0aW9uGAIgASgFEhAKCGN1cnNvcklkGAMgASgJEg4KBm9mZnNldBgEIAEoAyITChFTZXRDdXJzb3JSZXNwb25zZSJJChJGZXRjaEN1cnNvclJlcXVlc3QSDgoGc3RyZWFtGAEgASgJEhEKCXBhcnRpdGlvbhgCIAEoBRIQCghjdXJzb3JJZBgDIAEoCSIlChNGZXRjaEN1cnNvclJlc3BvbnNlEg4KBm9mZnNldBgBIAEoAyJQChhKb2luQ29uc3VtZXJHcm91cFJlcXVlc3QSDwoHZ3JvdXBJZBgBIAEoCRISCgpjb25zdW1lcklkGAIgASgJEg8KB3N0cmVhbXMYAyADKAkidAoZSm9pbkNvbnN1bWVyR3JvdXBSZXNwb25zZRITCgtjb29yZGluYXRvchgBIAEoCRINCgVlcG9jaBgCIAEoBBIXCg9jb25zdW1lclRpbWVvdXQYAyABKAMSGgoSY29vcmRpbmF0b3JUaW1lb3V0GAQgASgDIkAKGUxlYXZlQ29uc3VtZXJHcm91cFJlcXVlc3QSDwoHZ3JvdXBJZBgBIAEoCRISCgpjb25zdW1lcklkGAIgASgJIhwKGkxlYXZlQ29uc3VtZXJHcm91cFJlc3BvbnNlIloKJEZldGNoQ29uc3VtZXJHcm91cEFzc2lnbm1lbnRzUmVxdWVzdBIPCgdncm91cElkGAEgASgJEhIKCmNvbnN1bWVySWQYAiABKAkSDQoFZXBvY2gYAyABKAQiOQoTUGFydGl0aW9uQXNzaWdubWVudBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBSJnCiVGZXRjaENvbnN1bWVyR3JvdXBBc3NpZ25tZW50c1Jlc3BvbnNlEg0KBWVwb2NoGAEgASgEEi8KC2Fzc2lnbm1lbnRzGAIgAygLMhoucHJvdG8uUGFydGl0aW9uQXNzaWdubWVudCJwCiVSZXBvcnRDb25zdW1lckdyb3VwQ29vcmRpbmF0b3JSZXF1ZXN0Eg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRITCgtjb29yZGluYXRvchgDIAEoCRINCgVlcG9jaBgEIAEoBCIoCiZSZXBvcnRDb25zdW1lckdyb3VwQ29vcmRpbmF0b3JSZXNwb25zZSJdCgZCcm9rZXISCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgFEhYKDnBhcnRpdGlvbkNvdW50GAQgASgFEhMKC2xlYWRlckNvdW50GAUgASgFItsCCg5TdHJlYW1NZXRhZGF0YRIMCgRuYW1lGAEgASgJEg8KB3N1YmplY3QYAiABKAkSKgoFZXJyb3IYAyABKA4yGy5wcm90by5TdHJlYW1NZXRhZGF0YS5FcnJvchI5CgpwYXJ0aXRpb25zGAQgAygLMiUucHJvdG8uU3RyZWFtTWV0YWRhdGEuUGFydGl0aW9uc0VudHJ5EhkKEWNyZWF0aW9uVGltZXN0YW1wGAUgASgDEjYKD2VmZmVjdGl2ZUNvbmZpZxjoByABKAsyHC5wcm90by5FZmZlY3RpdmVTdHJlYW1Db25maWcaSwoPUGFydGl0aW9uc0VudHJ5EgsKA2tleRgBIAEoBRInCgV2YWx1ZRgCIAEoCzIYLnByb3RvLlBhcnRpdGlvbk1ldGFkYXRhOgI4ASIjCgVFcnJvchIGCgJPSxAAEhIKDlVOS05PV05fU1RSRUFNEAEi8AIKFUVmZmVjdGl2ZVN0cmVhbUNvbmZpZxIZChFyZXRlbnRpb25NYXhCeXRlcxgBIAEoAxIcChRyZXRlbnRpb25NYXhNZXNzYWdlcxgCIAEoAxIXCg9yZXRlbnRpb25NYXhBZ2UYAyABKAMSFwoPY2xlYW5lckludGVydmFsGAQgASgDEhcKD3NlZ21lbnRNYXhCeXRlcxgFIAEoAxIVCg1zZWdtZW50TWF4QWdlGAYgASgDEhwKFGNvbXBhY3RNYXhHb3JvdXRpbmVzGAcgASgFEhYKDmNvbXBhY3RFbmFibGVkGAggASgIEhUKDWF1dG9QYXVzZVRpbWUYCSABKAMSJQodYXV0b1BhdXNlRGlzYWJsZUlmU3Vic2NyaWJlcnMYCiABKAgSDgoGbWluSXNyGAsgASgFEiQKHG9wdGltaXN0aWNDb25jdXJyZW5jeUNvbnRyb2wYDCABKAgSEgoKZW5jcnlwdGlvbhgNIAEoCCKjAQoVQ29uc3VtZXJHcm91cE1ldGFkYXRhEg8KB2dyb3VwSWQYASABKAkSMQoFZXJyb3IYAiABKA4yIi5wcm90by5Db25zdW1lckdyb3VwTWV0YWRhdGEuRXJyb3ISEwoLY29vcmRpbmF0b3IYAyABKAkSDQoFZXBvY2gYBCABKAQiIgoFRXJyb3ISBgoCT0sQABIRCg1VTktOT1dOX0dST1VQEAEiSwoYUGFydGl0aW9uRXZlbnRUaW1lc3RhbXBzEhYKDmZpcnN0VGltZXN0YW1wGAEgASgDEhcKD2xhdGVzdFRpbWVzdGFtcBgCIAEoAyLZAgoRUGFydGl0aW9uTWV0YWRhdGESCgoCaWQYASABKAUSDgoGbGVhZGVyGAIgASgJEhAKCHJlcGxpY2FzGAMgAygJEgsKA2lzchgEIAMoCRIVCg1oaWdoV2F0ZXJtYXJrGAUgASgDEhQKDG5ld2VzdE9mZnNldBgGIAEoAxIOCgZwYXVzZWQYByABKAgSEAoIcmVhZG9ubHkYCCABKAgSQwoabWVzc2FnZXNSZWNlaXZlZFRpbWVzdGFtcHMYCSABKAsyHy5wcm90by5QYXJ0aXRpb25FdmVudFRpbWVzdGFtcHMSOAoPcGF1c2VUaW1lc3RhbXBzGAogASgLMh8ucHJvdG8uUGFydGl0aW9uRXZlbnRUaW1lc3RhbXBzEjsKEnJlYWRvbmx5VGltZXN0YW1wcxgLIAEoCzIfLnByb3RvLlBhcnRpdGlvbkV2ZW50VGltZXN0YW1wcyK+AgoHTWVzc2FnZRIOCgZvZmZzZXQYASABKAMSCwoDa2V5GAIgASgMEg0KBXZhbHVlGAMgASgMEhEKCXRpbWVzdGFtcBgEIAEoAxIOCgZzdHJlYW0YBSABKAkSEQoJcGFydGl0aW9uGAYgASgFEg8KB3N1YmplY3QYByABKAkSFAoMcmVwbHlTdWJqZWN0GAggASgJEiwKB2hlYWRlcnMYCSADKAsyGy5wcm90by5NZXNzYWdlLkhlYWRlcnNFbnRyeRIQCghhY2tJbmJveBgKIAEoCRIVCg1jb3JyZWxhdGlvbklkGAsgASgJEiMKCWFja1BvbGljeRgMIAEoDjIQLnByb3RvLkFja1BvbGljeRouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMOgI4ASLNAgoDQWNrEg4KBnN0cmVhbRgBIAEoCRIYChBwYXJ0aXRpb25TdWJqZWN0GAIgASgJEhIKCm1zZ1N1YmplY3QYAyABKAkSDgoGb2Zmc2V0GAQgASgDEhAKCGFja0luYm94GAUgASgJEhUKDWNvcnJlbGF0aW9uSWQYBiABKAkSIwoJYWNrUG9saWN5GAcgASgOMhAucHJvdG8uQWNrUG9saWN5EhoKEnJlY2VwdGlvblRpbWVzdGFtcBgIIAEoAxIXCg9jb21taXRUaW1lc3RhbXAYCSABKAMSIgoIYWNrRXJyb3IYCiABKA4yEC5wcm90by5BY2suRXJyb3IiUQoFRXJyb3ISBgoCT0sQABILCgdVTktOT1dOEAESFAoQSU5DT1JSRUNUX09GRlNFVBACEg0KCVRPT19MQVJHRRADEg4KCkVOQ1JZUFRJT04QBCI0Cg5DcmVhdGVTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBSIgCg5EZWxldGVTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkiRgoNUGF1c2VTdHJlYW1PcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIRCglyZXN1bWVBbGwYAyABKAgiNAoOUmVzdW1lU3RyZWFtT3ASDgoGc3RyZWFtGAEgASgJEhIKCnBhcnRpdGlvbnMYAiADKAUiSwoTU2V0U3RyZWFtUmVhZG9ubHlPcBIOCgZzdHJlYW0YASABKAkSEgoKcGFydGl0aW9ucxgCIAMoBRIQCghyZWFkb25seRgDIAEoCCJLChNKb2luQ29uc3VtZXJHcm91cE9wEg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRIPCgdzdHJlYW1zGAMgAygJIkwKFExlYXZlQ29uc3VtZXJHcm91cE9wEg8KB2dyb3VwSWQYASABKAkSEgoKY29uc3VtZXJJZBgCIAEoCRIPCgdleHBpcmVkGAMgASgIIq0DChNBY3Rpdml0eVN0cmVhbUV2ZW50EgoKAmlkGAEgASgEEiMKAm9wGAIgASgOMhcucHJvdG8uQWN0aXZpdHlTdHJlYW1PcBItCg5jcmVhdGVTdHJlYW1PcBgDIAEoCzIVLnByb3RvLkNyZWF0ZVN0cmVhbU9wEi0KDmRlbGV0ZVN0cmVhbU9wGAQgASgLMhUucHJvdG8uRGVsZXRlU3RyZWFtT3ASKwoNcGF1c2VTdHJlYW1PcBgFIAEoCzIULnByb3RvLlBhdXNlU3RyZWFtT3ASLQoOcmVzdW1lU3RyZWFtT3AYBiABKAsyFS5wcm90by5SZXN1bWVTdHJlYW1PcBI3ChNzZXRTdHJlYW1SZWFkb25seU9wGAcgASgLMhoucHJvdG8uU2V0U3RyZWFtUmVhZG9ubHlPcBI3ChNqb2luQ29uc3VtZXJHcm91cE9wGAggASgLMhoucHJvdG8uSm9pbkNvbnN1bWVyR3JvdXBPcBI5ChRsZWF2ZUNvbnN1bWVyR3JvdXBPcBgJIAEoCzIbLnByb3RvLkxlYXZlQ29uc3VtZXJHcm91cE9wIhUKE0luaXRQcm9kdWNlclJlcXVlc3QiKgoUSW5pdFByb2R1Y2VyUmVzcG9uc2USEgoKcHJvZHVjZXJJZBgBIAEoBCLhAQoTUHVibGlzaEJhdGNoUmVxdWVzdBIOCgZzdHJlYW0YASABKAkSEQoJcGFydGl0aW9uGAIgASgFEg8KB3JlY29yZHMYAyABKAwSIwoJYWNrUG9saWN5GAQgASgOMhAucHJvdG8uQWNrUG9saWN5EhUKDWNvcnJlbGF0aW9uSWQYBSABKAkSLAoOZXhwZWN0ZWRPZmZzZXQYBiABKAsyFC5wcm90by5OdWxsYWJsZUludDY0EhIKCnByb2R1Y2VySWQYByABKAQSGAoQcHJvZHVjZXJTZXF1ZW5jZRgIIAEoAyJXChFQdWJsaXNoQmF0Y2hFcnJvchIMCgRjb2RlGAEgASgFEg4KBnJlYXNvbhgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEhMKC3JlY29yZEluZGV4GAQgASgFIsgBChRQdWJsaXNoQmF0Y2hSZXNwb25zZRIVCg1jb3JyZWxhdGlvbklkGAEgASgJEg4KBnN0cmVhbRgCIAEoCRIRCglwYXJ0aXRpb24YAyABKAUSEgoKYmFzZU9mZnNldBgEIAEoAxITCgtyZWNvcmRDb3VudBgFIAEoBRIRCgl0aW1lc3RhbXAYBiABKAMSEQoJZHVwbGljYXRlGAcgASgIEicKBWVycm9yGAggASgLMhgucHJvdG8uUHVibGlzaEJhdGNoRXJyb3IiVQoVU3Vic2NyaWJlQmF0Y2hSZXF1ZXN0EioKCXN1YnNjcmliZRgBIAEoCzIXLnByb3RvLlN1YnNjcmliZVJlcXVlc3QSEAoIbWF4Qnl0ZXMYAiABKAUicwoLUmVjb3JkQmF0Y2gSDwoHcmVjb3JkcxgBIAEoDBITCgtyZWNvcmRDb3VudBgCIAEoBRITCgtmaXJzdE9mZnNldBgDIAEoAxISCgpsYXN0T2Zmc2V0GAQgASgDEhUKDWhpZ2hXYXRlcm1hcmsYBSABKAMqUgoNU3RhcnRQb3NpdGlvbhIMCghORVdfT05MWRAAEgoKBk9GRlNFVBABEgwKCEVBUkxJRVNUEAISCgoGTEFURVNUEAMSDQoJVElNRVNUQU1QEAQqWAoMU3RvcFBvc2l0aW9uEhIKDlNUT1BfT05fQ0FOQ0VMEAASDwoLU1RPUF9PRkZTRVQQARIPCgtTVE9QX0xBVEVTVBACEhIKDlNUT1BfVElNRVNUQU1QEAMqKgoJQWNrUG9saWN5EgoKBkxFQURFUhAAEgcKA0FMTBABEggKBE5PTkUQAiqpAQoQQWN0aXZpdHlTdHJlYW1PcBIRCg1DUkVBVEVfU1RSRUFNEAASEQoNREVMRVRFX1NUUkVBTRABEhAKDFBBVVNFX1NUUkVBTRACEhEKDVJFU1VNRV9TVFJFQU0QAxIXChNTRVRfU1RSRUFNX1JFQURPTkxZEAQSFwoTSk9JTl9DT05TVU1FUl9HUk9VUBAFEhgKFExFQVZFX0NPTlNVTUVSX0dST1VQEAYyqAwKA0FQSRJJCgxDcmVhdGVTdHJlYW0SGi5wcm90by5DcmVhdGVTdHJlYW1SZXF1ZXN0GhsucHJvdG8uQ3JlYXRlU3RyZWFtUmVzcG9uc2UiABJJCgxEZWxldGVTdHJlYW0SGi5wcm90by5EZWxldGVTdHJlYW1SZXF1ZXN0GhsucHJvdG8uRGVsZXRlU3RyZWFtUmVzcG9uc2UiABJGCgtQYXVzZVN0cmVhbRIZLnByb3RvLlBhdXNlU3RyZWFtUmVxdWVzdBoaLnByb3RvLlBhdXNlU3RyZWFtUmVzcG9uc2UiABJYChFTZXRTdHJlYW1SZWFkb25seRIfLnByb3RvLlNldFN0cmVhbVJlYWRvbmx5UmVxdWVzdBogLnByb3RvLlNldFN0cmVhbVJlYWRvbmx5UmVzcG9uc2UiABI4CglTdWJzY3JpYmUSFy5wcm90by5TdWJzY3JpYmVSZXF1ZXN0Gg4ucHJvdG8uTWVzc2FnZSIAMAESTAoNRmV0Y2hNZXRhZGF0YRIbLnByb3RvLkZldGNoTWV0YWRhdGFSZXF1ZXN0GhwucHJvdG8uRmV0Y2hNZXRhZGF0YVJlc3BvbnNlIgASZwoWRmV0Y2hQYXJ0aXRpb25NZXRhZGF0YRIkLnByb3RvLkZldGNoUGFydGl0aW9uTWV0YWRhdGFSZXF1ZXN0GiUucHJvdG8uRmV0Y2hQYXJ0aXRpb25NZXRhZGF0YVJlc3BvbnNlIgASOgoHUHVibGlzaBIVLnByb3RvLlB1Ymxpc2hSZXF1ZXN0GhYucHJvdG8uUHVibGlzaFJlc3BvbnNlIgASQwoMUHVibGlzaEFzeW5jEhUucHJvdG8uUHVibGlzaFJlcXVlc3QaFi5wcm90by5QdWJsaXNoUmVzcG9uc2UiACgBMAESVQoQUHVibGlzaFRvU3ViamVjdBIeLnByb3RvLlB1Ymxpc2hUb1N1YmplY3RSZXF1ZXN0Gh8ucHJvdG8uUHVibGlzaFRvU3ViamVjdFJlc3BvbnNlIgASQAoJU2V0Q3Vyc29yEhcucHJvdG8uU2V0Q3Vyc29yUmVxdWVzdBoYLnByb3RvLlNldEN1cnNvclJlc3BvbnNlIgASRgoLRmV0Y2hDdXJzb3ISGS5wcm90by5GZXRjaEN1cnNvclJlcXVlc3QaGi5wcm90by5GZXRjaEN1cnNvclJlc3BvbnNlIgASWAoRSm9pbkNvbnN1bWVyR3JvdXASHy5wcm90by5Kb2luQ29uc3VtZXJHcm91cFJlcXVlc3QaIC5wcm90by5Kb2luQ29uc3VtZXJHcm91cFJlc3BvbnNlIgASWwoSTGVhdmVDb25zdW1lckdyb3VwEiAucHJvdG8uTGVhdmVDb25zdW1lckdyb3VwUmVxdWVzdBohLnByb3RvLkxlYXZlQ29uc3VtZXJHcm91cFJlc3BvbnNlIgASfAodRmV0Y2hDb25zdW1lckdyb3VwQXNzaWdubWVudHMSKy5wcm90by5GZXRjaENvbnN1bWVyR3JvdXBBc3NpZ25tZW50c1JlcXVlc3QaLC5wcm90by5GZXRjaENvbnN1bWVyR3JvdXBBc3NpZ25tZW50c1Jlc3BvbnNlIgASfwoeUmVwb3J0Q29uc3VtZXJHcm91cENvb3JkaW5hdG9yEiwucHJvdG8uUmVwb3J0Q29uc3VtZXJHcm91cENvb3JkaW5hdG9yUmVxdWVzdBotLnByb3RvLlJlcG9ydENvbnN1bWVyR3JvdXBDb29yZGluYXRvclJlc3BvbnNlIgASSQoMSW5pdFByb2R1Y2VyEhoucHJvdG8uSW5pdFByb2R1Y2VyUmVxdWVzdBobLnByb3RvLkluaXRQcm9kdWNlclJlc3BvbnNlIgASTQoMUHVibGlzaEJhdGNoEhoucHJvdG8uUHVibGlzaEJhdGNoUmVxdWVzdBobLnByb3RvLlB1Ymxpc2hCYXRjaFJlc3BvbnNlIgAoATABEkYKDlN1YnNjcmliZUJhdGNoEhwucHJvdG8uU3Vic2NyaWJlQmF0Y2hSZXF1ZXN0GhIucHJvdG8uUmVjb3JkQmF0Y2giADABQhUKE2lvLmxpZnRicmlkZ2UucHJvdG9iBnByb3RvMw");
 
 /**
  * An optional 64-bit integer. The setting it carries is unset when this
@@ -2372,6 +2372,323 @@ export const ActivityStreamEventSchema: GenMessage<ActivityStreamEvent> = /*@__P
   messageDesc(file_flux_proto_api, 50);
 
 /**
+ * Request for a producer id (Flux). It has no fields yet.
+ *
+ * @generated from message proto.InitProducerRequest
+ */
+export type InitProducerRequest = Message$1<"proto.InitProducerRequest"> & {
+};
+
+/**
+ * Describes the message proto.InitProducerRequest.
+ * Use `create(InitProducerRequestSchema)` to create a new message.
+ */
+export const InitProducerRequestSchema: GenMessage<InitProducerRequest> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 51);
+
+/**
+ * A producer id for idempotent batched publishes (Flux).
+ *
+ * @generated from message proto.InitProducerResponse
+ */
+export type InitProducerResponse = Message$1<"proto.InitProducerResponse"> & {
+  /**
+   * Non-zero id, unique on this cluster with overwhelming probability
+   * (random 63 bits). The producer numbers its batches per partition from
+   * 0 under this id; see PublishBatchRequest.producerSequence.
+   *
+   * @generated from field: uint64 producerId = 1;
+   */
+  producerId: bigint;
+};
+
+/**
+ * Describes the message proto.InitProducerResponse.
+ * Use `create(InitProducerResponseSchema)` to create a new message.
+ */
+export const InitProducerResponseSchema: GenMessage<InitProducerResponse> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 52);
+
+/**
+ * One batch of records for one partition of one stream (Flux).
+ *
+ * @generated from message proto.PublishBatchRequest
+ */
+export type PublishBatchRequest = Message$1<"proto.PublishBatchRequest"> & {
+  /**
+   * Name of the stream.
+   *
+   * @generated from field: string stream = 1;
+   */
+  stream: string;
+
+  /**
+   * Id of the partition; the batch is appended to it directly, without a
+   * NATS publish (other streams on the subject do not receive it).
+   *
+   * @generated from field: int32 partition = 2;
+   */
+  partition: number;
+
+  /**
+   * The records, framed in the log's record format (28-byte header and a
+   * CRC-32C-covered body per record; see the log format reference). The
+   * broker checks every record and stamps offset, timestamp and leader
+   * epoch; the values the client wrote there are ignored. The batch is
+   * appended entirely or not at all. At most streams.batch.max.bytes
+   * (default 8 MiB) and at most the gRPC receive limit.
+   *
+   * @generated from field: bytes records = 3;
+   */
+  records: Uint8Array;
+
+  /**
+   * When to answer. LEADER and ALL answer once the batch is written and
+   * committed (this broker is the whole ISR); NONE never answers, not even
+   * with an error.
+   *
+   * @generated from field: proto.AckPolicy ackPolicy = 4;
+   */
+  ackPolicy: AckPolicy;
+
+  /**
+   * Echoed in the response, to match answers with requests.
+   *
+   * @generated from field: string correlationId = 5;
+   */
+  correlationId: string;
+
+  /**
+   * When set, the offset the batch's first record must get (optimistic
+   * concurrency control); otherwise the batch fails with INCORRECT_OFFSET
+   * and nothing is written.
+   *
+   * @generated from field: proto.NullableInt64 expectedOffset = 6;
+   */
+  expectedOffset?: NullableInt64 | undefined;
+
+  /**
+   * Producer id from InitProducer; 0 for a producer without idempotence.
+   *
+   * @generated from field: uint64 producerId = 7;
+   */
+  producerId: bigint;
+
+  /**
+   * With a producerId: the batch's number among this producer's batches to
+   * this partition, 0, 1, 2, ... A batch whose number was already written
+   * is not written again: the response repeats the original ack with
+   * duplicate set (or fails with DUPLICATE_SEQUENCE once that ack is too
+   * old to be remembered). A number past the next one fails with
+   * OUT_OF_ORDER_SEQUENCE. Ignored without a producerId.
+   *
+   * @generated from field: int64 producerSequence = 8;
+   */
+  producerSequence: bigint;
+};
+
+/**
+ * Describes the message proto.PublishBatchRequest.
+ * Use `create(PublishBatchRequestSchema)` to create a new message.
+ */
+export const PublishBatchRequestSchema: GenMessage<PublishBatchRequest> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 53);
+
+/**
+ * Why a batch was not written (Flux).
+ *
+ * @generated from message proto.PublishBatchError
+ */
+export type PublishBatchError = Message$1<"proto.PublishBatchError"> & {
+  /**
+   * The gRPC status code the same failure has on a unary call.
+   *
+   * @generated from field: int32 code = 1;
+   */
+  code: number;
+
+  /**
+   * The Flux error reason (errors reference), e.g. "incorrect-offset".
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * Human-readable description.
+   *
+   * @generated from field: string message = 3;
+   */
+  message: string;
+
+  /**
+   * Index of the first offending record in the batch, or -1 when the
+   * failure is not about one record.
+   *
+   * @generated from field: int32 recordIndex = 4;
+   */
+  recordIndex: number;
+};
+
+/**
+ * Describes the message proto.PublishBatchError.
+ * Use `create(PublishBatchErrorSchema)` to create a new message.
+ */
+export const PublishBatchErrorSchema: GenMessage<PublishBatchError> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 54);
+
+/**
+ * The answer to one PublishBatchRequest (Flux): an ack or an error.
+ *
+ * @generated from message proto.PublishBatchResponse
+ */
+export type PublishBatchResponse = Message$1<"proto.PublishBatchResponse"> & {
+  /**
+   * The request's correlationId.
+   *
+   * @generated from field: string correlationId = 1;
+   */
+  correlationId: string;
+
+  /**
+   * The stream and partition written to.
+   *
+   * @generated from field: string stream = 2;
+   */
+  stream: string;
+
+  /**
+   * @generated from field: int32 partition = 3;
+   */
+  partition: number;
+
+  /**
+   * Offset of the batch's first record; its records have consecutive
+   * offsets from here.
+   *
+   * @generated from field: int64 baseOffset = 4;
+   */
+  baseOffset: bigint;
+
+  /**
+   * Number of records written.
+   *
+   * @generated from field: int32 recordCount = 5;
+   */
+  recordCount: number;
+
+  /**
+   * Broker timestamp (Unix ns) stamped on every record of the batch.
+   *
+   * @generated from field: int64 timestamp = 6;
+   */
+  timestamp: bigint;
+
+  /**
+   * True when the batch had been written before (an idempotent retry):
+   * the fields above are those of the original write.
+   *
+   * @generated from field: bool duplicate = 7;
+   */
+  duplicate: boolean;
+
+  /**
+   * Set when the batch was not written; the other fields are then unset
+   * apart from correlationId, stream and partition.
+   *
+   * @generated from field: proto.PublishBatchError error = 8;
+   */
+  error?: PublishBatchError | undefined;
+};
+
+/**
+ * Describes the message proto.PublishBatchResponse.
+ * Use `create(PublishBatchResponseSchema)` to create a new message.
+ */
+export const PublishBatchResponseSchema: GenMessage<PublishBatchResponse> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 55);
+
+/**
+ * Request for batches of committed records of one partition (Flux).
+ *
+ * @generated from message proto.SubscribeBatchRequest
+ */
+export type SubscribeBatchRequest = Message$1<"proto.SubscribeBatchRequest"> & {
+  /**
+   * Stream, partition, start and stop positions and resume, with the
+   * meaning they have in Subscribe. A consumer (group) is not supported
+   * here yet.
+   *
+   * @generated from field: proto.SubscribeRequest subscribe = 1;
+   */
+  subscribe?: SubscribeRequest | undefined;
+
+  /**
+   * Most bytes of records per RecordBatch. 0 means 65,536; values over
+   * 4 MiB are lowered to 4 MiB. A single record larger than the budget is
+   * sent alone.
+   *
+   * @generated from field: int32 maxBytes = 2;
+   */
+  maxBytes: number;
+};
+
+/**
+ * Describes the message proto.SubscribeBatchRequest.
+ * Use `create(SubscribeBatchRequestSchema)` to create a new message.
+ */
+export const SubscribeBatchRequestSchema: GenMessage<SubscribeBatchRequest> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 56);
+
+/**
+ * Committed records of one partition in the log's record format (Flux).
+ *
+ * @generated from message proto.RecordBatch
+ */
+export type RecordBatch = Message$1<"proto.RecordBatch"> & {
+  /**
+   * The records as stored (offsets, timestamps and epochs stamped), in
+   * offset order.
+   *
+   * @generated from field: bytes records = 1;
+   */
+  records: Uint8Array;
+
+  /**
+   * Number of records in records.
+   *
+   * @generated from field: int32 recordCount = 2;
+   */
+  recordCount: number;
+
+  /**
+   * Offsets of the first and last record (-1 in the empty handshake).
+   *
+   * @generated from field: int64 firstOffset = 3;
+   */
+  firstOffset: bigint;
+
+  /**
+   * @generated from field: int64 lastOffset = 4;
+   */
+  lastOffset: bigint;
+
+  /**
+   * The partition's high watermark when the batch was read.
+   *
+   * @generated from field: int64 highWatermark = 5;
+   */
+  highWatermark: bigint;
+};
+
+/**
+ * Describes the message proto.RecordBatch.
+ * Use `create(RecordBatchSchema)` to create a new message.
+ */
+export const RecordBatchSchema: GenMessage<RecordBatch> = /*@__PURE__*/
+  messageDesc(file_flux_proto_api, 57);
+
+/**
  * Where a subscription starts reading in a partition. Negative start offsets
  * are treated as 0.
  *
@@ -2813,6 +3130,50 @@ export const API: GenService<{
     methodKind: "unary";
     input: typeof ReportConsumerGroupCoordinatorRequestSchema;
     output: typeof ReportConsumerGroupCoordinatorResponseSchema;
+  },
+  /**
+   * Returns a new producer id for idempotent PublishBatch calls (Flux).
+   *
+   * @generated from rpc proto.API.InitProducer
+   */
+  initProducer: {
+    methodKind: "unary";
+    input: typeof InitProducerRequestSchema;
+    output: typeof InitProducerResponseSchema;
+  },
+  /**
+   * Appends batches of client-framed records straight to partitions (Flux).
+   * Each request is one batch for one partition, appended entirely or not
+   * at all; each gets one PublishBatchResponse (none for ackPolicy NONE),
+   * in request order. A failed batch does not end the call: its response
+   * carries the error (INVALID_ARGUMENT with the first offending record's
+   * index, MESSAGE_TOO_LARGE, STREAM_NOT_FOUND, PARTITION_NOT_FOUND,
+   * READONLY, INCORRECT_OFFSET, OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE,
+   * STORAGE_FAILED). Paused partitions are resumed. The call ends with
+   * Unavailable when the broker shuts down. The server reads a bounded
+   * number of batches ahead of its answers, so a fast publisher is slowed
+   * by gRPC flow control rather than buffered without bound.
+   *
+   * @generated from rpc proto.API.PublishBatch
+   */
+  publishBatch: {
+    methodKind: "bidi_streaming";
+    input: typeof PublishBatchRequestSchema;
+    output: typeof PublishBatchResponseSchema;
+  },
+  /**
+   * Streams batches of committed records of one partition (Flux). The
+   * first RecordBatch is empty (the handshake); then batches follow from
+   * the start position, each within maxBytes. Positions, errors and ends
+   * are those of Subscribe, except that reaching the stop position ends
+   * the call with OK.
+   *
+   * @generated from rpc proto.API.SubscribeBatch
+   */
+  subscribeBatch: {
+    methodKind: "server_streaming";
+    input: typeof SubscribeBatchRequestSchema;
+    output: typeof RecordBatchSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_flux_proto_api, 0);
