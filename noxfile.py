@@ -137,14 +137,17 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The commit-log and broker-API benchmarks with their baselines (e.g. ``-- --quick``).
+    """The commit-log, broker-API and data-path benchmarks with their baselines (``-- --quick``).
 
-    Arguments after -- go to log_bench.py; api_bench.py gets only ``--quick`` from them.
+    Arguments after -- go to log_bench.py; api_bench.py and data_path_bench.py (Flux against
+    NATS JetStream) get only ``--quick`` from them.
     """
-    install(session, "test")
+    install(session, "bench")
     quick = ["--quick"] if "--quick" in session.posargs else []
-    session.run("python", str(ROOT / "broker" / "bench" / "log_bench.py"), *session.posargs)
-    session.run("python", str(ROOT / "broker" / "bench" / "api_bench.py"), *quick)
+    bench_dir = ROOT / "broker" / "bench"
+    session.run("python", str(bench_dir / "log_bench.py"), *session.posargs)
+    session.run("python", str(bench_dir / "api_bench.py"), *quick)
+    session.run("python", str(bench_dir / "data_path_bench.py"), *quick)
 
 
 @nox.session

@@ -318,7 +318,7 @@ def install_natscli(bin_dir: Path = DEFAULT_BIN_DIR, log: Log = say) -> Path | N
 # -- the server ---------------------------------------------------------------------------------
 
 
-def _read_vm_hwm(pid: int) -> int | None:
+def read_vm_hwm(pid: int) -> int | None:
     """The peak resident set size of process ``pid`` in bytes (``VmHWM``), if readable."""
     try:
         status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
@@ -367,7 +367,7 @@ class JetStreamServer:
 
     def current_peak_rss_bytes(self) -> int | None:
         """The server's peak RSS so far, in bytes."""
-        return None if self._server is None else _read_vm_hwm(self._server.pid)
+        return None if self._server is None else read_vm_hwm(self._server.pid)
 
     async def start(self) -> None:
         """Write the configuration and start the server; wait until it listens."""
@@ -392,7 +392,7 @@ class JetStreamServer:
         server, self._server = self._server, None
         try:
             if server is not None:
-                self.peak_rss_bytes = _read_vm_hwm(server.pid)
+                self.peak_rss_bytes = read_vm_hwm(server.pid)
                 await asyncio.to_thread(server.stop)
         finally:
             if server is not None and server.is_running():
@@ -1454,7 +1454,8 @@ async def main(args: argparse.Namespace, natscli: Path | None) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+def interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    """A signal handler turning the signal into :class:`KeyboardInterrupt` (e.g. for SIGTERM)."""
     raise KeyboardInterrupt
 
 
@@ -1463,7 +1464,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     natscli = None
     if not args.no_natscli:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             natscli = install_natscli(args.bin_dir)
         except KeyboardInterrupt:
