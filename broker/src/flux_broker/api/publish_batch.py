@@ -27,7 +27,8 @@ only their durability waits (``streams.sync.policy``) overlap, so under ``always
 of consecutive batches are shared (group commit). Responses go back in request order. At most
 :data:`PUBLISH_BATCH_IN_FLIGHT_MAX` batches are written but not yet answered: past that the
 broker stops reading the call, and gRPC's flow control makes the client wait -- memory stays
-bounded by that many batches per call.
+bounded by one batch being written per call (written batches are not held) plus what gRPC
+buffers.
 
 After the durability wait the partition's HW moves to the batch's last offset (this broker is
 the whole ISR) and the response is sent (none for ackPolicy NONE). When the broker shuts down
@@ -241,7 +242,13 @@ async def _answer(
         outcome_now = _response(request, error=failed.error)
     else:
         if isinstance(outcome, AppendResult):
-            return asyncio.ensure_future(_commit(log, outcome, request))
+            # The commit keeps only what the response echoes, not the batch's bytes.
+            echoed = api_pb2.PublishBatchRequest(
+                correlationId=request.correlationId,
+                stream=request.stream,
+                partition=request.partition,
+            )
+            return asyncio.ensure_future(_commit(log, outcome, echoed))
         outcome_now = outcome
     future: asyncio.Future[api_pb2.PublishBatchResponse] = (
         asyncio.get_running_loop().create_future()
@@ -252,7 +259,9 @@ async def _answer(
 
 # -- the call ----------------------------------------------------------------------------------
 
-_Answer = tuple[api_pb2.PublishBatchRequest, "asyncio.Future[api_pb2.PublishBatchResponse]"]
+#: Whether the response is sent (not for ackPolicy NONE), and its future. The request itself is
+#: not kept: a written batch's bytes are released at once, whatever the window holds.
+_Answer = tuple[bool, "asyncio.Future[api_pb2.PublishBatchResponse]"]
 
 
 async def _read_requests(
@@ -263,7 +272,7 @@ async def _read_requests(
     try:
         async for request in requests:
             answer = await _answer(broker, request)
-            await answers.put((request, answer))  # waits while the window is full
+            await answers.put((request.ackPolicy != NONE, answer))  # waits while full
     finally:
         await answers.put(None)
 
@@ -297,10 +306,10 @@ async def publish_batch(
             item = await _unless_closing(answers.get(), closed)
             if item is None:
                 break
-            request, answer = item
+            answered, answer = item
             # Shielded: the commit (HW move) finishes even if the call ends first.
             response = await _unless_closing(asyncio.shield(answer), closed)
-            if request.ackPolicy != NONE:
+            if answered:
                 yield response
         await reader  # raises what reading the call raised
     finally:
