@@ -328,3 +328,22 @@ async def test_the_reserved_producer_header_is_refused_from_clients(api: API) ->
 def test_framing_helper_round_trips() -> None:
     records = list(iter_decode(framed(b"a", None, key=b"k")))
     assert [(r.key, r.value) for r in records] == [(b"k", b"a"), (b"k", None)]
+
+
+async def test_acked_batches_survive_a_kill_under_sync_always(
+    broker_factory: BrokerFactory,
+) -> None:
+    broker = await broker_factory(env={"FLUX_STREAMS_SYNC_POLICY": "always"})
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        await create(api, "durable")
+        responses = await publish(
+            api, [batch("durable", framed(b"a", b"b", b"c")) for _ in range(20)]
+        )
+        assert [r.baseOffset for r in responses] == list(range(0, 60, 3))
+    broker.kill()
+    restarted = await broker.restart()
+    async with grpc.aio.insecure_channel(restarted.address) as channel:
+        api = api_pb2_grpc.APIStub(channel)
+        assert await newest(api, "durable") == 59
+        assert len(await read_all(api, "durable")) == 60

@@ -240,6 +240,9 @@ async def _answer(
         log, outcome = await _write(broker, request)
     except _Failed as failed:
         outcome_now = _response(request, error=failed.error)
+    except Exception as error:  # noqa: BLE001 -- e.g. the partition paused or deleted meanwhile
+        entry, text = status_for(error)
+        outcome_now = _response(request, error=_Failed(entry, text).error)
     else:
         if isinstance(outcome, AppendResult):
             # The commit keeps only what the response echoes, not the batch's bytes.
