@@ -151,3 +151,116 @@ def test_check_and_stamp_rejects_unknown_magic_and_oversized_records() -> None:
         fmt.check_and_stamp(bytearray(fmt.HEADER.pack(0, 0, 0, len(body)) + body), AT, MIB)
     with pytest.raises(InvalidBatchError, match="exceeds 40"):
         fmt.check_and_stamp(_client_batch([fmt.NewRecord(b"x" * 20)]), AT, 40)
+
+
+def _reference_check_and_stamp(data: bytearray, at: fmt.Placement, max_record_bytes: int) -> bytes:
+    """check_and_stamp's definition: every record fully checked, then stamped, in turn."""
+    view = memoryview(data)
+    sizes: list[int] = []
+    position = 0
+    while position < len(data):
+        size = fmt._checked_record_size(view, position, len(sizes), max_record_bytes)
+        fmt.HEADER_STAMP.pack_into(
+            data, position, at.base_offset + len(sizes), at.timestamp_ns, at.leader_epoch
+        )
+        sizes.append(size)
+        position += size
+    if not sizes:
+        raise InvalidBatchError(0, "batch holds no records")
+    return fmt.index_entries(at, sizes)
+
+
+def _outcome(check: object, batch: bytearray, max_record_bytes: int = MIB) -> object:
+    """What ``check`` does with a copy of ``batch``: stamped bytes and entries, or the error."""
+    assert callable(check)
+    data = bytearray(batch)
+    try:
+        entries = check(data, AT, max_record_bytes)
+    except InvalidBatchError as error:
+        return ("error", error.index, error.reason)
+    return (bytes(data), entries)
+
+
+UNIFORM = fmt._COLUMNS_MIN_RECORDS
+
+
+@pytest.mark.parametrize("count", [1, UNIFORM - 1, UNIFORM, UNIFORM + 1, 1000])
+@pytest.mark.parametrize("value", [None, b"", b"v", bytes(range(128))], ids=repr)
+def test_same_size_batches_stamp_exactly_like_frame(count: int, value: bytes | None) -> None:
+    records = [fmt.NewRecord(value)] * count
+    framed, framed_index = fmt.frame(records, AT, MIB, 64 * MIB)
+    batch = _client_batch(records)
+    assert fmt.check_and_stamp(batch, AT, MIB) == framed_index
+    assert batch == framed
+
+
+def test_mixed_null_and_empty_values_of_one_size_are_stamped_like_frame() -> None:
+    """Same record size, different value lengths: the column-wise path must step aside."""
+    records = [fmt.NewRecord(None)] * UNIFORM + [fmt.NewRecord(b"")] * UNIFORM
+    framed, framed_index = fmt.frame(records, AT, MIB, MIB)
+    batch = _client_batch(records)
+    assert fmt.check_and_stamp(batch, AT, MIB) == framed_index
+    assert batch == framed
+
+
+@pytest.mark.parametrize("victim", [0, 1, UNIFORM // 2, UNIFORM])
+def test_every_flipped_bit_of_a_same_size_batch_is_caught_with_its_index(victim: int) -> None:
+    """Exhaustive over one record's body size and body (attributes too: the CRC covers them)."""
+    batch = _client_batch([fmt.NewRecord(bytes([i]) * 9) for i in range(UNIFORM + 1)])
+    size = len(batch) // (UNIFORM + 1)
+    start = victim * size
+    for byte in range(start + fmt.BODY_SIZE_AT, start + size):
+        for bit in range(8):
+            bad = bytearray(batch)
+            bad[byte] ^= 1 << bit
+            with pytest.raises(InvalidBatchError) as error:
+                fmt.check_and_stamp(bad, AT, MIB)
+            assert error.value.index == victim, (byte - start, bit)
+            assert _outcome(fmt.check_and_stamp, bad) == _outcome(_reference_check_and_stamp, bad)
+
+
+@given(
+    st.integers(1, 3 * UNIFORM),
+    st.none() | st.binary(max_size=40),
+    st.lists(st.tuples(st.integers(0), st.integers(0, 255)), max_size=3),
+    st.integers(0, 200),
+)
+def test_check_and_stamp_agrees_with_the_record_by_record_definition(
+    count: int, value: bytes | None, edits: list[tuple[int, int]], max_record_bytes: int
+) -> None:
+    """Same stamped bytes and entries, or the same first offending record and reason."""
+    batch = _client_batch([fmt.NewRecord(value)] * count)
+    for at, byte in edits:
+        batch[at % len(batch)] = byte
+    assert _outcome(fmt.check_and_stamp, batch, max_record_bytes) == _outcome(
+        _reference_check_and_stamp, batch, max_record_bytes
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 50, 100])
+def test_check_and_stamp_agrees_with_the_definition_on_cut_and_padded_batches(cut: int) -> None:
+    batch = _client_batch([fmt.NewRecord(b"x" * 20)] * (2 * UNIFORM))
+    for bad in (batch[:-cut], batch + bytes(cut), batch[cut:]):
+        assert _outcome(fmt.check_and_stamp, bad) == _outcome(_reference_check_and_stamp, bad)
+
+
+@given(st.lists(st.integers(1, 5000), max_size=3 * UNIFORM), st.integers(0, 1 << 40))
+def test_index_entries_are_each_records_entry_in_turn(sizes: list[int], base: int) -> None:
+    at = fmt.Placement(base + 3, -(1 << 62), 9, base, 1 << 20)
+    expected = b"".join(
+        fmt.INDEX_ENTRY.pack(3 + i, -(1 << 62), (1 << 20) + sum(sizes[:i]), size)
+        for i, size in enumerate(sizes)
+    )
+    assert fmt.index_entries(at, sizes) == expected
+    if sizes and len(sizes) >= UNIFORM:
+        assert fmt._uniform_index_entries(at, len(sizes), sizes[0]) == fmt.index_entries(
+            at, [sizes[0]] * len(sizes)
+        )
+
+
+@pytest.mark.parametrize("count", [3, UNIFORM - 1, UNIFORM, 100])
+def test_index_entries_refuse_positions_past_i32_like_struct(count: int) -> None:
+    at = fmt.Placement(0, 0, 0, 0, (1 << 31) - 100)
+    with pytest.raises(struct.error):
+        fmt.index_entries(at, [60] * count)  # the third record starts past 2**31 - 1
+    assert len(fmt.index_entries(at, [60, 60])) == 2 * fmt.INDEX_ENTRY_BYTES

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -76,6 +76,22 @@ _NULL_KEY_NULL_VALUE_NO_HEADERS: Final = (
 HEADER_AND_CRC: Final = struct.Struct(">QqQII")
 # A header and the fixed body prefix (CRC, magic, attributes, key length), read together.
 RECORD_PREFIX: Final = struct.Struct(">QqQIIbbi")
+# The same plus the value length, at a fixed position when the key is null.
+_FAST_RECORD_PREFIX: Final = struct.Struct(">QqQIIbbii")
+_CRC_COVERED_FROM: Final = HEADER_BYTES + CRC_BYTES  # record-relative start of what the CRC covers
+_TIME_AND_EPOCH: Final = struct.Struct(">qQ")
+#: Record-relative bytes that must match the first record's in a uniform batch: body size,
+#: magic, key length and value length (the CRC is checked separately; attributes are free).
+_UNIFORM_COLUMNS: Final = (
+    *range(BODY_SIZE_AT, HEADER_BYTES),
+    _CRC_COVERED_FROM,
+    *range(_CRC_COVERED_FROM + MAGIC_BYTES + ATTRIBUTES_BYTES, _FAST_RECORD_PREFIX.size),
+)
+#: Fewest records for which filling fields column by column (``data[k::row_bytes]``) pays off.
+_COLUMNS_MIN_RECORDS: Final = 16
+_INDEX_RELATIVE_AT: Final = 0
+_INDEX_POSITION_AT: Final = 4 + 8
+_INDEX_SIZE_AT: Final = 4 + 8 + 4
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -199,15 +215,50 @@ def index_entries(at: Placement, sizes: Sequence[int]) -> bytes:
     count = len(sizes)
     relative = at.base_offset - at.segment_base_offset
     positions = itertools.accumulate(sizes, initial=at.segment_position)
-    return b"".join(
-        map(
-            INDEX_ENTRY.pack,
-            range(relative, relative + count),
-            itertools.repeat(at.timestamp_ns, count),
-            positions,
-            sizes,
+    if count < _COLUMNS_MIN_RECORDS:
+        return b"".join(
+            map(
+                INDEX_ENTRY.pack,
+                range(relative, relative + count),
+                itertools.repeat(at.timestamp_ns, count),
+                positions,
+                sizes,
+            )
         )
-    )
+    entries = bytearray(INDEX_ENTRY.pack(0, at.timestamp_ns, 0, 0) * count)
+    _fill_columns(entries, _INDEX_RELATIVE_AT, _pack_i32s(range(relative, relative + count)))
+    _fill_columns(entries, _INDEX_POSITION_AT, _pack_i32s(itertools.islice(positions, count)))
+    _fill_columns(entries, _INDEX_SIZE_AT, _pack_i32s(sizes))
+    return bytes(entries)
+
+
+def _uniform_index_entries(at: Placement, count: int, size: int) -> bytes:
+    """:func:`index_entries` for ``count`` (at least 16) records of ``size`` bytes each."""
+    relative = at.base_offset - at.segment_base_offset
+    position = at.segment_position
+    entries = bytearray(INDEX_ENTRY.pack(0, at.timestamp_ns, 0, size) * count)
+    _fill_columns(entries, _INDEX_RELATIVE_AT, _pack_i32s(range(relative, relative + count)))
+    positions = range(position, position + count * size, size)
+    _fill_columns(entries, _INDEX_POSITION_AT, _pack_i32s(positions))
+    return bytes(entries)
+
+
+def _pack_i32s(values: Iterable[int]) -> bytes:
+    """``values`` as consecutive big-endian i32s (struct.error if one does not fit)."""
+    packed = tuple(values)
+    return struct.pack(f">{len(packed)}i", *packed)
+
+
+def _fill_columns(
+    rows: bytearray, at: int, packed: bytes, row_bytes: int = INDEX_ENTRY_BYTES, width: int = 4
+) -> None:
+    """Write the ``width``-byte fields ``packed`` at byte ``at`` of consecutive rows of ``rows``.
+
+    ``rows[k::row_bytes]`` is byte ``k`` of every row, so one strided assignment per byte of
+    the field fills it in every row, however many rows there are.
+    """
+    for k in range(width):
+        rows[at + k :: row_bytes] = packed[k::width]
 
 
 def _check_body(body: memoryview) -> str | None:  # noqa: PLR0911, PLR0912 -- one check per field
@@ -260,8 +311,8 @@ def check_and_stamp(data: bytearray, at: Placement, max_record_bytes: int) -> by
 
     Each record's body is checked (length, CRC-32C, magic, and that key, value and headers
     fill it exactly) but never re-encoded; only header fields outside the CRC are written, in
-    place, as each record passes. The offsets, timestamps and epochs a client wrote are
-    ignored. On error ``data`` may be partly stamped: pass a copy the caller can drop.
+    place. The offsets, timestamps and epochs a client wrote are ignored. On error ``data``
+    may be partly stamped: pass a copy the caller can drop.
 
     Args:
         data: The batch.
@@ -275,53 +326,114 @@ def check_and_stamp(data: bytearray, at: Placement, max_record_bytes: int) -> by
         InvalidBatchError: The batch is empty or a record is malformed; ``index`` names the
             first offending record.
     """
-    view = memoryview(data)
+    entries = _check_and_stamp_uniform(data, at, max_record_bytes)
+    if entries is not None:
+        return entries
     total = len(data)
     sizes: list[int] = []
-    unpack_prefix = RECORD_PREFIX.unpack_from
-    unpack_length = LENGTH.unpack_from
+    add_size = sizes.append
+    unpack_prefix = _FAST_RECORD_PREFIX.unpack_from
     pack_stamp = HEADER_STAMP.pack_into
-    prefix_bytes = RECORD_PREFIX.size
+    prefix_bytes = _FAST_RECORD_PREFIX.size
     offset, timestamp_ns, epoch = at.base_offset, at.timestamp_ns, at.leader_epoch
+    view = memoryview(data)
     position = 0
     while position < total:
-        end = -1
         if position + prefix_bytes <= total:
-            _o, _t, _e, body_size, crc, magic, _attributes, key_length = unpack_prefix(
-                data, position
+            _o, _t, _e, body_size, crc, magic, _attributes, key_length, value_length = (
+                unpack_prefix(data, position)
             )
             end = position + HEADER_BYTES + body_size
-            # Fast path: a null key (-1) and no headers, the shape most producers send.
+            # Fast path: a null key and no headers, the shape most producers send. The header
+            # count must end the body exactly, which also makes the body at least
+            # MIN_BODY_BYTES long and puts the value length inside it.
             if (
                 key_length == NULL_LENGTH
                 and magic == MAGIC
-                and body_size >= MIN_BODY_BYTES
+                and value_length >= NULL_LENGTH
                 and end <= total
+                and end - position <= max_record_bytes
+                and position
+                + prefix_bytes
+                + (value_length if value_length > 0 else 0)
+                + HEADER_COUNT_BYTES
+                == end
+                and data[end - 2] == 0
+                and data[end - 1] == 0
+                and crc32c(data[position + _CRC_COVERED_FROM : end]) == crc
             ):
-                value_at = position + prefix_bytes
-                (value_length,) = unpack_length(data, value_at)
-                count_at = value_at + LENGTH_BYTES + max(value_length, 0)
-                if (
-                    value_length >= NULL_LENGTH
-                    and count_at + HEADER_COUNT_BYTES == end
-                    and data[count_at] == 0
-                    and data[count_at + 1] == 0
-                    and end - position <= max_record_bytes
-                    and crc32c(view[position + HEADER_BYTES + CRC_BYTES : end]) == crc
-                ):
-                    pack_stamp(data, position, offset, timestamp_ns, epoch)
-                    sizes.append(end - position)
-                    offset += 1
-                    position = end
-                    continue
+                pack_stamp(data, position, offset, timestamp_ns, epoch)
+                add_size(end - position)
+                offset += 1
+                position = end
+                continue
         size = _checked_record_size(view, position, len(sizes), max_record_bytes)
         pack_stamp(data, position, offset, timestamp_ns, epoch)
-        sizes.append(size)
+        add_size(size)
         offset += 1
         position += size
     if not sizes:
         raise InvalidBatchError(0, "batch holds no records")
     return index_entries(at, sizes)
+
+
+def _check_and_stamp_uniform(data: bytearray, at: Placement, max_record_bytes: int) -> bytes | None:
+    """:func:`check_and_stamp` for a batch of same-size fast-path records, field by field.
+
+    When the first record has a null key and no headers and the batch is a whole number of
+    records of its size, each field is checked for every record at once: ``data[k::size]``
+    holds byte ``k`` of every record, so a field is right everywhere when each of its byte
+    columns equals the first record's byte repeated. Every record's CRC is still computed
+    over its whole body and compared with the one it carries.
+
+    Returns:
+        The index entries, ``data`` stamped; or ``None``, ``data`` untouched, when the batch
+        is not of that shape or any record fails a check (:func:`check_and_stamp` then finds
+        and reports the first offending record).
+    """
+    total = len(data)
+    prefix_bytes = _FAST_RECORD_PREFIX.size
+    if total < prefix_bytes:
+        return None
+    _o, _t, _e, body_size, _crc, magic, _attributes, key_length, value_length = (
+        _FAST_RECORD_PREFIX.unpack_from(data, 0)
+    )
+    size = HEADER_BYTES + body_size
+    count, rest = divmod(total, size)
+    if (
+        count < _COLUMNS_MIN_RECORDS
+        or rest
+        or size > max_record_bytes
+        or key_length != NULL_LENGTH
+        or magic != MAGIC
+        or value_length < NULL_LENGTH
+        or prefix_bytes + max(value_length, 0) + HEADER_COUNT_BYTES != size
+    ):
+        return None
+    # Structure: body size, magic, key length, value length and header count of every record
+    # equal those of the first, which are sound (checked above, header count just below).
+    last = size - 1
+    for k in (*_UNIFORM_COLUMNS, last - 1, last):
+        if data[k::size] != data[k : k + 1] * count:
+            return None
+    if data[last - 1] or data[last]:
+        return None
+    # CRC: computed over each record's body after the CRC; compared column by column with
+    # the CRCs the records carry.
+    computed = itertools.starmap(
+        crc32c, struct.iter_unpack(f">{_CRC_COVERED_FROM}x{size - _CRC_COVERED_FROM}s", data)
+    )
+    crcs = struct.pack(f">{count}I", *computed)
+    for k in range(CRC_BYTES):
+        if data[HEADER_BYTES + k :: size] != crcs[k::CRC_BYTES]:
+            return None
+    # Stamp, column by column: the offsets differ per record, timestamp and epoch do not.
+    offsets = struct.pack(f">{count}Q", *range(at.base_offset, at.base_offset + count))
+    _fill_columns(data, 0, offsets, size, OFFSET_BYTES)
+    time_and_epoch = _TIME_AND_EPOCH.pack(at.timestamp_ns, at.leader_epoch)
+    for k, byte in enumerate(time_and_epoch, OFFSET_BYTES):
+        data[k::size] = bytes((byte,)) * count
+    return _uniform_index_entries(at, count, size)
 
 
 def _checked_record_size(view: memoryview, position: int, i: int, max_record_bytes: int) -> int:
