@@ -1240,17 +1240,7 @@ async def main(args: argparse.Namespace, natscli: Path | None) -> int:
 
     SIGINT and SIGTERM cancel the run; the servers are stopped and their files removed first.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    stopped_by: list[signal.Signals] = []
-
-    def stop(signum: signal.Signals) -> None:
-        stopped_by.append(signum)
-        task.cancel()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop, signum)
+    stopped_by = jb.cancel_on_signals()
     plan = QUICK if args.quick else FULL
     say(
         f"{PROGRAM}: Python {sys.version.split()[0]}, grpcio {grpc.__version__}, nats-py "

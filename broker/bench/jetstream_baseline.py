@@ -1409,11 +1409,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def main(args: argparse.Namespace, natscli: Path | None) -> int:
-    """Run every scenario, print the table and write the JSON; the exit status.
-
-    SIGINT and SIGTERM cancel the run; the servers are stopped and their files removed first.
-    """
+def cancel_on_signals() -> list[signal.Signals]:
+    """Cancel the running task on SIGINT or SIGTERM; the returned list gets the signal."""
     task = asyncio.current_task()
     assert task is not None
     stopped_by: list[signal.Signals] = []
@@ -1425,6 +1422,15 @@ async def main(args: argparse.Namespace, natscli: Path | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop, signum)
+    return stopped_by
+
+
+async def main(args: argparse.Namespace, natscli: Path | None) -> int:
+    """Run every scenario, print the table and write the JSON; the exit status.
+
+    SIGINT and SIGTERM cancel the run; the servers are stopped and their files removed first.
+    """
+    stopped_by = cancel_on_signals()
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
     say(
