@@ -7,9 +7,10 @@ uses its own subjects, so tests sharing the session's server never see each othe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,9 +21,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from flux_broker.log import FileCommitLog, LogConfig, Record, SyncPolicy
-from flux_broker.nats.envelope import MAGIC, decode_ack, encode_message
+from flux_broker.log.contract import AppendGuard, AppendResult
+from flux_broker.log.format import NewRecord
+from flux_broker.nats.envelope import MAGIC, decode_ack, encode_ack, encode_message
 from flux_broker.streams.delivery import record_to_message
-from flux_broker.streams.partition import Partition
+from flux_broker.streams.partition import QUEUE_MAX_BYTES, QUEUE_MAX_MESSAGES, Partition
 from flux_proto import api_pb2
 from flux_testing import NatsServer, wait_for
 
@@ -33,6 +36,9 @@ MIB = 1024 * 1024
 LEADER = api_pb2.AckPolicy.LEADER
 ALL = api_pb2.AckPolicy.ALL
 NONE = api_pb2.AckPolicy.NONE
+OK = api_pb2.Ack.Error.OK
+TOO_LARGE = api_pb2.Ack.Error.TOO_LARGE
+INCORRECT_OFFSET = api_pb2.Ack.Error.INCORRECT_OFFSET
 ACK_TIMEOUT_S = 10.0
 
 
@@ -45,6 +51,9 @@ class MakePartition(Protocol):
         group: str = "",
         record_max_bytes: int = MIB,
         config: LogConfig = FAST,
+        optimistic_concurrency: bool = False,
+        queue_max_messages: int = QUEUE_MAX_MESSAGES,
+        queue_max_bytes: int = QUEUE_MAX_BYTES,
     ) -> Partition: ...
 
 
@@ -80,6 +89,9 @@ async def make_partition(nc: Client, data_dir: Path) -> AsyncIterator[MakePartit
         group: str = "",
         record_max_bytes: int = MIB,
         config: LogConfig = FAST,
+        optimistic_concurrency: bool = False,
+        queue_max_messages: int = QUEUE_MAX_MESSAGES,
+        queue_max_bytes: int = QUEUE_MAX_BYTES,
     ) -> Partition:
         directory = data_dir / "streams" / "s" / str(len(created))
         log = await FileCommitLog.open(directory, config)
@@ -92,6 +104,9 @@ async def make_partition(nc: Client, data_dir: Path) -> AsyncIterator[MakePartit
             nc=nc,
             namespace="flux-test",
             record_max_bytes=record_max_bytes,
+            optimistic_concurrency=optimistic_concurrency,
+            queue_max_messages=queue_max_messages,
+            queue_max_bytes=queue_max_bytes,
         )
         created.append(partition)
         await partition.start()
@@ -122,17 +137,20 @@ def envelope(
     policy: api_pb2.AckPolicy.ValueType = LEADER,
     key: bytes = b"",
     headers: dict[str, bytes] | None = None,
+    offset: int = -1,
+    crc: bool = False,
 ) -> bytes:
     return encode_message(
         api_pb2.Message(
-            offset=-1,
+            offset=offset,
             key=key,
             value=value,
             headers=headers or {},
             ackInbox=inbox,
             correlationId=correlation_id,
             ackPolicy=policy,
-        )
+        ),
+        crc=crc,
     )
 
 
@@ -435,6 +453,282 @@ async def test_stop_is_idempotent(make_partition: MakePartition, subject: str) -
     partition = await make_partition(subject)
     await partition.stop()
     await partition.stop()
+
+
+# -- one batch: ack order, ack bytes, envelopes with a CRC -------------------------------
+
+
+def hold_appends(monkeypatch: pytest.MonkeyPatch, log: FileCommitLog) -> asyncio.Event:
+    """Make every append of ``log`` wait until the returned event is set."""
+    release = asyncio.Event()
+    append = log.append
+
+    async def held(
+        records: Sequence[NewRecord], *, guard: AppendGuard | None = None
+    ) -> AppendResult:
+        await release.wait()
+        return await append(records, guard=guard)
+
+    monkeypatch.setattr(log, "append", held)
+    return release
+
+
+async def test_acks_of_a_batch_go_in_arrival_order_as_canonical_envelopes(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partition = await make_partition(subject, record_max_bytes=300)
+    release = hold_appends(monkeypatch, partition.log)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, b"blocker")  # its append holds the task: the rest make a batch
+    await wait_for(lambda: partition.stats.received == 1)
+    await pub.publish(subject, envelope(b"a", inbox=inbox, correlation_id="a", policy=ALL))
+    await pub.publish(subject, envelope(b"x" * 400, inbox=inbox, correlation_id="big"))
+    await pub.publish(subject, envelope(b"b", inbox=inbox, correlation_id="b"), reply="r")
+    await wait_for(lambda: partition.stats.received == 4)
+    release.set()
+
+    raw = [(await sub.next_msg(timeout=ACK_TIMEOUT_S)).data for _ in range(3)]
+    acks = [decode_ack(data) for data in raw]
+    # The error ack is between the success acks, where its message was.
+    assert [(a.correlationId, a.ackError, a.offset) for a in acks] == [
+        ("a", OK, 1),
+        ("big", TOO_LARGE, 0),
+        ("b", OK, 2),
+    ]
+    for data, ack in zip(raw, acks, strict=True):
+        assert data == encode_ack(ack)  # byte for byte what the protobuf library writes
+        assert (ack.stream, ack.partitionSubject, ack.msgSubject) == ("s", subject, subject)
+        assert ack.ackInbox == inbox
+        assert ack.receptionTimestamp > 0
+    assert [ack.ackPolicy for ack in acks] == [ALL, LEADER, LEADER]
+    assert acks[0].commitTimestamp >= acks[0].receptionTimestamp
+    assert acks[1].commitTimestamp == 0  # not stored
+    records = await stored(partition.log)
+    assert [r.value for r in records] == [b"blocker", b"a", b"b"]
+    assert dict(records[2].headers) == {"subject": subject.encode(), "reply": b"r"}
+    assert partition.stats.appends == 2
+
+
+async def test_an_envelope_with_a_crc_is_decoded_and_acked(
+    make_partition: MakePartition, pub: Client, subject: str
+) -> None:
+    partition = await make_partition(subject)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    data = envelope(b"v", key=b"k", inbox=inbox, correlation_id="c", headers={"h": b"1"}, crc=True)
+    await pub.publish(subject, data)
+
+    ack = await next_ack(sub)
+    assert (ack.correlationId, ack.ackError, ack.offset) == ("c", OK, 0)
+    [record] = await stored(partition.log)
+    assert (record.key, record.value) == (b"k", b"v")
+    assert dict(record.headers) == {"h": b"1", "subject": subject.encode(), "reply": b""}
+    assert partition.stats.malformed_envelopes == 0
+
+
+# -- optimistic concurrency control --------------------------------------------------------
+
+
+async def test_expected_offsets_are_checked_against_the_offsets_of_the_batch(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partition = await make_partition(subject, optimistic_concurrency=True)
+    release = hold_appends(monkeypatch, partition.log)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    for correlation_id, offset in (("0", 0), ("wrong", 5), ("1", 1), ("any", -1)):
+        await pub.publish(
+            subject, envelope(b"m", inbox=inbox, correlation_id=correlation_id, offset=offset)
+        )
+    await wait_for(lambda: partition.stats.received == 4)
+    release.set()
+
+    acks = [await next_ack(sub) for _ in range(4)]
+    assert [(a.correlationId, a.ackError, a.offset) for a in acks] == [
+        ("0", OK, 0),
+        ("wrong", INCORRECT_OFFSET, 0),
+        ("1", OK, 1),
+        ("any", OK, 2),
+    ]
+    assert partition.stats.incorrect_offset == 1
+    assert partition.stats.occ_conflicts == 0
+
+
+async def test_a_batch_over_the_log_batch_limit_is_appended_in_chunks_with_occ(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Records of ~705 bytes (600 B values) and a 2000-byte batch limit: two per write.
+    config = LogConfig(sync_policy=SyncPolicy.NEVER, record_max_bytes=1000, batch_max_bytes=2000)
+    partition = await make_partition(subject, optimistic_concurrency=True, config=config)
+    release = hold_appends(monkeypatch, partition.log)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, b"blocker")  # the rest make one batch
+    await wait_for(lambda: partition.stats.received == 1)
+    expected = [1, 2, 3, 4, 4, -1, 6, 7]  # the second 4 is wrong, -1 asks for no check
+    for i, offset in enumerate(expected):
+        data = envelope(b"%d" % i * 600, inbox=inbox, correlation_id=str(i), offset=offset)
+        await pub.publish(subject, data)
+    await wait_for(lambda: partition.stats.received == 1 + len(expected))
+    release.set()
+
+    acks = [await next_ack(sub) for _ in expected]
+    assert [(a.correlationId, a.ackError, a.offset) for a in acks] == [
+        ("0", OK, 1),
+        ("1", OK, 2),
+        ("2", OK, 3),
+        ("3", OK, 4),
+        ("4", INCORRECT_OFFSET, 0),
+        ("5", OK, 5),
+        ("6", OK, 6),
+        ("7", OK, 7),
+    ]
+    # The blocker, then chunks of two: [0, 1], [2, 3], [5, 6] and [7] (4 was rejected).
+    assert partition.stats.appends == 1 + 4
+    assert (partition.stats.occ_conflicts, partition.stats.incorrect_offset) == (0, 1)
+
+
+def another_writer_first(
+    monkeypatch: pytest.MonkeyPatch, log: FileCommitLog, *, call: int = 1
+) -> None:
+    """Make append number ``call`` of ``log`` come after another writer's (a batched publish)."""
+    append = log.append
+    calls = 0
+
+    async def raced(
+        records: Sequence[NewRecord], *, guard: AppendGuard | None = None
+    ) -> AppendResult:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            monkeypatch.setattr(log, "append", append)  # only once
+            await append([NewRecord(value=b"batched")])
+        return await append(records, guard=guard)
+
+    monkeypatch.setattr(log, "append", raced)
+
+
+async def test_an_occ_batch_is_refused_when_another_writer_appends_first(
+    make_partition: MakePartition,
+    pub: Client,
+    subject: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="flux_broker.streams.partition")
+    partition = await make_partition(subject, optimistic_concurrency=True)
+    another_writer_first(monkeypatch, partition.log)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, envelope(b"first", inbox=inbox, correlation_id="first", offset=0))
+    await wait_for(lambda: partition.stats.occ_conflicts == 1)
+
+    # Not stored, no ack: the next ack on the inbox is the next message's.
+    await pub.publish(subject, envelope(b"second", inbox=inbox, correlation_id="second", offset=1))
+    ack = await next_ack(sub)
+    assert (ack.correlationId, ack.ackError, ack.offset) == ("second", OK, 1)
+    assert [r.value for r in await stored(partition.log)] == [b"batched", b"second"]
+    stats = partition.stats
+    assert (stats.appended, stats.appends, stats.incorrect_offset) == (1, 1, 0)
+    assert (stats.append_failures, stats.ingest_failures) == (0, 0)
+    assert "another writer came first" in caplog.text
+
+
+async def test_each_chunk_of_an_occ_batch_is_guarded(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = LogConfig(sync_policy=SyncPolicy.NEVER, record_max_bytes=1000, batch_max_bytes=2000)
+    partition = await make_partition(subject, optimistic_concurrency=True, config=config)
+    release = hold_appends(monkeypatch, partition.log)
+    # Appends: 1 the blocker, 2 the chunk [1, 2], 3 the chunk [3, -1]: another writer first.
+    another_writer_first(monkeypatch, partition.log, call=3)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, b"blocker")
+    await wait_for(lambda: partition.stats.received == 1)
+    for i, offset in enumerate([1, 2, 3, -1]):  # two per chunk (see the test above)
+        data = envelope(b"%d" % i * 600, inbox=inbox, correlation_id=str(i), offset=offset)
+        await pub.publish(subject, data)
+    await wait_for(lambda: partition.stats.received == 5)
+    release.set()
+    await wait_for(lambda: partition.stats.occ_conflicts == 1)
+
+    # The second chunk's only check was made for the record that started it: still guarded,
+    # so nothing of it is stored or acked; the next ack is the one of a later message.
+    await pub.publish(subject, envelope(b"later", inbox=inbox, correlation_id="later", offset=4))
+    acks = [await next_ack(sub) for _ in range(3)]
+    assert [(a.correlationId, a.ackError, a.offset) for a in acks] == [
+        ("0", OK, 1),
+        ("1", OK, 2),
+        ("later", OK, 4),
+    ]
+    values = [r.value for r in await stored(partition.log)]
+    assert values == [b"blocker", b"0" * 600, b"1" * 600, b"batched", b"later"]
+
+
+async def test_an_occ_batch_without_expected_offsets_is_not_guarded(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partition = await make_partition(subject, optimistic_concurrency=True)
+    another_writer_first(monkeypatch, partition.log)
+    inbox = pub.new_inbox()
+    sub = await pub.subscribe(inbox)
+    await pub.publish(subject, envelope(b"unchecked", inbox=inbox, correlation_id="u"))
+
+    ack = await next_ack(sub)
+    assert (ack.correlationId, ack.ackError, ack.offset) == ("u", OK, 1)
+    assert partition.stats.occ_conflicts == 0
+
+
+# -- flow control --------------------------------------------------------------------------
+
+
+async def test_a_full_buffer_drops_new_messages_and_ingest_goes_on(
+    make_partition: MakePartition,
+    pub: Client,
+    subject: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    partition = await make_partition(subject, queue_max_messages=5)
+    release = hold_appends(monkeypatch, partition.log)
+    count = 50
+    for i in range(count):
+        await pub.publish(subject, b"%d" % i)
+    await wait_for(lambda: partition.stats.received == count)
+    stats = partition.stats
+    # At most one batch waits in the held append (up to five messages: the buffer's bound)
+    # and five messages in the buffer; the others were dropped on arrival.
+    assert count - 5 - 5 <= stats.dropped < count
+    release.set()
+    kept = count - stats.dropped
+    await wait_for(lambda: stats.appended == kept)
+    values = [int(r.value or b"") for r in await stored(partition.log)]
+    assert values == sorted(values)  # the kept ones, in order
+    assert len(values) == kept
+    warnings = [r for r in caplog.records if "dropping messages" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2  # once per episode (the buffer was emptied at most once)
+
+    await pub.publish(subject, b"after")  # the buffer has room again
+    await wait_for(lambda: stats.appended == kept + 1)
+    assert stats.dropped == count - kept
+
+
+async def test_the_buffer_is_bounded_in_bytes_too(
+    make_partition: MakePartition, pub: Client, subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partition = await make_partition(subject, queue_max_bytes=1000)
+    release = hold_appends(monkeypatch, partition.log)
+    count = 20
+    for i in range(count):
+        await pub.publish(subject, bytes([i]) * 400)
+    await wait_for(lambda: partition.stats.received == count)
+    # At most three messages in the buffer (the third passes the bound) and three more in
+    # the held batch; the others were dropped on arrival.
+    assert count - 3 - 3 <= partition.stats.dropped < count
+    release.set()
+    await wait_for(lambda: partition.stats.appended == count - partition.stats.dropped)
 
 
 # -- delivery ------------------------------------------------------------------------------
