@@ -12,7 +12,11 @@ describe("generated proto.API", () => {
     assert.equal(API.method.subscribe.methodKind, "server_streaming");
     assert.equal(API.method.publishAsync.methodKind, "bidi_streaming");
     assert.equal(API.method.publish.methodKind, "unary");
-    assert.equal(Object.keys(API.method).length, 16);
+    // Liftbridge's 16 RPCs plus Flux's batched data path.
+    assert.equal(API.method.initProducer.methodKind, "unary");
+    assert.equal(API.method.publishBatch.methodKind, "bidi_streaming");
+    assert.equal(API.method.subscribeBatch.methodKind, "server_streaming");
+    assert.equal(Object.keys(API.method).length, 19);
   });
 
   it("keeps int64 as bigint, so offsets above 2^53 survive", () => {
