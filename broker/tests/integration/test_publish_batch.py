@@ -317,11 +317,16 @@ async def test_the_reserved_producer_header_is_refused_from_clients(api: API) ->
         1 << 20,
         1 << 20,
     )
-    [response] = await publish(
-        api, [batch("forged", bytes(forged), producerId=1, producerSequence=0)]
+    responses = await publish(
+        api,
+        [
+            batch("forged", bytes(forged), producerId=1, producerSequence=0),
+            batch("forged", framed(b"ok") + bytes(forged)),  # without a producer id too
+        ],
     )
-    assert response.error.reason == "invalid-argument"
-    assert response.error.recordIndex == 0
+    assert [r.error.reason for r in responses] == ["invalid-argument"] * 2
+    assert [r.error.recordIndex for r in responses] == [0, 1]
+    assert "reserved" in responses[1].error.message
     assert await newest(api, "forged") == -1
 
 

@@ -21,6 +21,7 @@ from flux_broker.streams.producers import (
     ProducerTable,
     count_records,
     parse_producer_header,
+    reserved_header_index,
     with_producer_header,
 )
 
@@ -88,8 +89,10 @@ def test_the_header_goes_into_the_first_record_only() -> None:
     assert records[0].headers == ((PRODUCER_HEADER, records[0].headers[0][1]),)
     assert parse_producer_header(records[0].headers[0][1]) == (5, 2, 3)
     assert records[1].headers == records[2].headers == ()
-    with pytest.raises(ValueError, match="reserved"):
-        with_producer_header(framed(b"x", headers=((PRODUCER_HEADER, b""),)), 5, 0, 1)
+    forged = framed(b"x", headers=((PRODUCER_HEADER, b""),))
+    assert reserved_header_index(data + forged) == 3
+    assert reserved_header_index(data) is None
+    assert reserved_header_index(framed(PRODUCER_HEADER.encode())) is None  # in a value only
     broken = b"\x00" * 10
     assert with_producer_header(broken, 5, 0, 1) == broken  # left to the log's checks
     assert parse_producer_header(b"short") is None

@@ -53,9 +53,11 @@ from flux_broker.log.contract import AppendResult
 from flux_broker.log.errors import InvalidBatchError, RecordTooLargeError
 from flux_broker.streams.live import LivePartition
 from flux_broker.streams.producers import (
+    PRODUCER_HEADER,
     DuplicateBatch,
     ProducerGuard,
     count_records,
+    reserved_header_index,
     with_producer_header,
 )
 from flux_proto import api_pb2
@@ -170,15 +172,20 @@ async def _write(
     log = partition.log
     _checked_size(log, request)
     data = request.records
+    forged = reserved_header_index(data)
+    if forged is not None:
+        raise _failed(
+            "INVALID_ARGUMENT",
+            f"record {forged} carries the header {PRODUCER_HEADER!r}, which is reserved for the "
+            "broker; nothing was written",
+            forged,
+        )
     producer: ProducerGuard | None = None
     if request.producerId:
         table = partition.producers
         await table.ensure_rebuilt(log)
         count = count_records(data)
-        try:
-            data = with_producer_header(data, request.producerId, request.producerSequence, count)
-        except ValueError as error:
-            raise _failed("INVALID_ARGUMENT", str(error), 0) from None
+        data = with_producer_header(data, request.producerId, request.producerSequence, count)
         producer = table.guard(request.producerId, request.producerSequence, count)
     expected = request.expectedOffset.value if request.HasField("expectedOffset") else None
     try:
