@@ -1203,16 +1203,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--only", action="append", choices=ROW_KEYS, help="run only this row (repeatable)"
     )
     parser.add_argument(
-        "--no-natscli", action="store_true", help="measure JetStream with nats-py only"
-    )
-    parser.add_argument(
-        "--bin-dir",
-        type=Path,
-        default=jb.DEFAULT_BIN_DIR,
-        metavar="DIR",
-        help=f"where natscli is installed and cached (default {jb.DEFAULT_BIN_DIR})",
-    )
-    parser.add_argument(
         "--out-dir",
         type=Path,
         metavar="DIR",
@@ -1221,12 +1211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "broker/bench/results/quick/ with --quick)",
     )
     parser.add_argument("--no-chart", action="store_true", help="write no PNG chart")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="parent of the servers' temporary directories (default: the system's)",
-    )
+    jb.add_server_arguments(parser)
     args = parser.parse_args(argv)
     args.size = list(dict.fromkeys(args.size or SIZES))
     args.only = [key for key in ROW_KEYS if key in (args.only or ROW_KEYS)]

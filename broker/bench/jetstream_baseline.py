@@ -1363,6 +1363,26 @@ def write_json(path: Path, args: argparse.Namespace, plan: Plan, baseline: Basel
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every JetStream benchmark has: --no-natscli, --bin-dir, --data-dir."""
+    parser.add_argument(
+        "--no-natscli", action="store_true", help="measure JetStream with nats-py only"
+    )
+    parser.add_argument(
+        "--bin-dir",
+        type=Path,
+        default=DEFAULT_BIN_DIR,
+        metavar="DIR",
+        help=f"where natscli is installed and cached (default {DEFAULT_BIN_DIR})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="parent of the servers' temporary directories (default: the system's)",
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -1381,28 +1401,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-durable", action="store_true", help="skip the sync_interval: always server"
     )
     parser.add_argument(
-        "--no-natscli", action="store_true", help="measure with nats-py only (no go install)"
-    )
-    parser.add_argument(
-        "--bin-dir",
-        type=Path,
-        default=DEFAULT_BIN_DIR,
-        metavar="DIR",
-        help=f"where natscli is installed and cached (default {DEFAULT_BIN_DIR})",
-    )
-    parser.add_argument(
         "--json",
         type=Path,
         default=DEFAULT_JSON,
         metavar="PATH",
         help="where to write the results (default broker/bench/results/jetstream_baseline.json)",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="parent of the servers' temporary directories (default: the system's)",
-    )
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     args.size = list(dict.fromkeys(args.size or SIZES))
     args.only = [s for s in SCENARIOS if s in (args.only or SCENARIOS)]

@@ -81,6 +81,13 @@ async def newest(api: API, stream: str, partition: int = 0) -> int:
     return response.metadata.newestOffset
 
 
+async def paused(api: API, stream: str) -> bool:
+    response = await api.FetchPartitionMetadata(
+        api_pb2.FetchPartitionMetadataRequest(stream=stream, partition=0)
+    )
+    return response.metadata.paused
+
+
 async def read_all(api: API, stream: str, partition: int = 0) -> list[api_pb2.Message]:
     """Every message of the partition, through the Liftbridge Subscribe."""
     call = api.Subscribe(
@@ -226,7 +233,11 @@ async def test_batches_reach_only_their_stream_and_resume_a_paused_partition(api
     await create(api, "mine")
     await api.CreateStream(api_pb2.CreateStreamRequest(name="other", subject="mine"))
     await api.PauseStream(api_pb2.PauseStreamRequest(name="mine"))
+    refused = await publish(api, [batch("mine", b""), batch("mine", framed(b"v") + b"\0")])
+    assert all(r.HasField("error") for r in refused)
+    assert await paused(api, "mine")  # a batch refused by the checks resumes nothing
     [response] = await publish(api, [batch("mine", framed(b"v"))])
+    assert not await paused(api, "mine")
     assert response.baseOffset == 0
     assert not response.HasField("error")
     assert await newest(api, "mine") == 0

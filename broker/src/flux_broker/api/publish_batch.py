@@ -12,8 +12,10 @@ fault; the call goes on with the next request):
    exists (STREAM_NOT_FOUND), partition exists (PARTITION_NOT_FOUND), not read-only (READONLY),
    ``ackPolicy`` defined, NONE refused on a stream with optimistic concurrency control;
 2. the batch: not empty (INVALID_ARGUMENT), within ``streams.batch.max.bytes``
-   (MESSAGE_TOO_LARGE), ``producerSequence`` not negative with a ``producerId``;
-3. a paused partition is resumed (as Publish does);
+   (MESSAGE_TOO_LARGE), ``producerSequence`` not negative with a ``producerId``, no record
+   carrying the broker's ``flux.producer`` header (INVALID_ARGUMENT with its index);
+3. only then is a paused partition resumed (as Publish does), its records verified first,
+   so a refused batch changes nothing;
 4. atomically with the write (:class:`~flux_broker.log.contract.AppendGuard`): the expected
    offset (INCORRECT_OFFSET) and the producer's sequence (a duplicate answers the original
    ack with ``duplicate`` set; OUT_OF_ORDER_SEQUENCE, DUPLICATE_SEQUENCE: see
@@ -39,18 +41,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
 
 from flux_broker.api.context import BrokerContext
-from flux_broker.api.publish_request import NONE, RejectedError, resumed_target
+from flux_broker.api.publish_request import NONE, RejectedError, resume, target
 from flux_broker.api.status import UNAVAILABLE_MESSAGE, FluxStatus, status_for
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.contract import AppendResult
 from flux_broker.log.errors import InvalidBatchError, RecordTooLargeError
+from flux_broker.log.format import UNPLACED, check_and_stamp
 from flux_broker.streams.live import LivePartition
 from flux_broker.streams.producers import (
     PRODUCER_HEADER,
@@ -65,7 +67,6 @@ from flux_proto.errors import ErrorEntry
 
 __all__ = ["PUBLISH_BATCH_IN_FLIGHT_MAX", "init_producer", "publish_batch"]
 
-_logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Batches per call written but not yet answered; the call is not read further meanwhile.
@@ -129,10 +130,10 @@ def _failed(row: str, message: str, record_index: int = _NO_RECORD) -> _Failed:
 # -- one batch ---------------------------------------------------------------------------------
 
 
-async def _target(broker: BrokerContext, request: api_pb2.PublishBatchRequest) -> LivePartition:
-    """Checks 1-3 of the module docstring; the partition, resumed."""
+def _checked(broker: BrokerContext, request: api_pb2.PublishBatchRequest) -> LivePartition:
+    """Checks 1-2 of the module docstring (nothing changes yet); the partition."""
     try:
-        partition = await resumed_target(
+        partition = target(
             broker,
             api_pb2.PublishRequest(
                 stream=request.stream, partition=request.partition, ackPolicy=request.ackPolicy
@@ -140,17 +141,14 @@ async def _target(broker: BrokerContext, request: api_pb2.PublishBatchRequest) -
         )
     except RejectedError as rejected:
         raise _Failed(rejected.status().entry, rejected.detail) from None
-    if not request.records:
+    data = request.records
+    if not data:
         raise _failed("INVALID_ARGUMENT", "records is empty: a batch holds at least one record")
-    return partition
-
-
-def _checked_size(log: FileCommitLog, request: api_pb2.PublishBatchRequest) -> None:
-    limit = log.config.batch_max_bytes
-    if len(request.records) > limit:
+    limit = broker.streams.log_config.batch_max_bytes  # a server-wide setting
+    if len(data) > limit:
         raise _failed(
             "MESSAGE_TOO_LARGE",
-            f"the batch is {len(request.records)} bytes, over the limit of {limit} "
+            f"the batch is {len(data)} bytes, over the limit of {limit} "
             "(streams.batch.max.bytes); nothing was written",
         )
     if request.producerId and request.producerSequence < 0:
@@ -158,6 +156,23 @@ def _checked_size(log: FileCommitLog, request: api_pb2.PublishBatchRequest) -> N
             "INVALID_ARGUMENT",
             f"producerSequence {request.producerSequence} is negative: batches are numbered from 0",
         )
+    forged = reserved_header_index(data)
+    if forged is not None:
+        raise _failed(
+            "INVALID_ARGUMENT",
+            f"record {forged} carries the header {PRODUCER_HEADER!r}, which is reserved for the "
+            "broker; nothing was written",
+            forged,
+        )
+    return partition
+
+
+def _verified(data: bytes, record_max_bytes: int) -> None:
+    """Refuse a batch whose records fail the log's checks, without writing anything."""
+    try:
+        check_and_stamp(bytearray(data), UNPLACED, record_max_bytes)
+    except (InvalidBatchError, RecordTooLargeError) as error:
+        raise _failed("INVALID_ARGUMENT", str(error), error.index) from None
 
 
 async def _write(
@@ -168,18 +183,17 @@ async def _write(
     Raises:
         _Failed: The batch was refused.
     """
-    partition = await _target(broker, request)
+    partition = _checked(broker, request)
+    if partition.paused:
+        # Verified before the resume, so a malformed batch leaves the partition paused (an
+        # active partition's batch is verified once, by the log, while it is stamped).
+        _verified(request.records, broker.streams.log_config.record_max_bytes)
+    try:
+        await resume(broker, partition)
+    except RejectedError as rejected:
+        raise _Failed(rejected.status().entry, rejected.detail) from None
     log = partition.log
-    _checked_size(log, request)
     data = request.records
-    forged = reserved_header_index(data)
-    if forged is not None:
-        raise _failed(
-            "INVALID_ARGUMENT",
-            f"record {forged} carries the header {PRODUCER_HEADER!r}, which is reserved for the "
-            "broker; nothing was written",
-            forged,
-        )
     producer: ProducerGuard | None = None
     if request.producerId:
         table = partition.producers
@@ -189,7 +203,8 @@ async def _write(
         producer = table.guard(request.producerId, request.producerSequence, count)
     expected = request.expectedOffset.value if request.HasField("expectedOffset") else None
     try:
-        result = await log.write_framed(data, guard=_Guard(expected, producer))
+        guard = None if expected is None and producer is None else _Guard(expected, producer)
+        result = await log.write_framed(data, guard=guard)
     except DuplicateBatch as duplicate:
         ack = duplicate.ack
         return log, _response(

@@ -73,6 +73,7 @@ __all__ = [
     "encoded",
     "message_of",
     "nats_failures",
+    "resume",
     "resumed_target",
     "target",
 ]
@@ -189,12 +190,18 @@ def target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartit
 async def resumed_target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartition:
     """:func:`target`, resumed if it is paused (see the module docstring)."""
     partition = target(broker, request)
+    await resume(broker, partition)
+    return partition
+
+
+async def resume(broker: BrokerContext, partition: LivePartition) -> None:
+    """Resume ``partition`` if it is paused (see the module docstring); raise RejectedError."""
     if partition.paused:
         try:
             await broker.streams.resume(partition.stream, partition.id)
         except (StreamNotFoundError, PartitionNotFoundError):
             raise RejectedError(
-                "STREAM_NOT_FOUND", Code.NOT_FOUND, f"no stream {shown(request.stream)}"
+                "STREAM_NOT_FOUND", Code.NOT_FOUND, f"no stream {shown(partition.stream)}"
             ) from None
         except MetadataClosedError:
             raise RejectedError("UNAVAILABLE", Code.INTERNAL, UNAVAILABLE_MESSAGE) from None
@@ -206,7 +213,6 @@ async def resumed_target(broker: BrokerContext, request: api_pb2.PublishRequest)
                 "publish: could not resume stream %r partition %d", partition.stream, partition.id
             )
             raise RejectedError("INTERNAL", Code.INTERNAL, _RESUME_FAILED_MESSAGE) from None
-    return partition
 
 
 def check_ack_policy(policy: int) -> None:

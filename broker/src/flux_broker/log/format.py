@@ -178,6 +178,11 @@ class Placement:
     segment_position: int
 
 
+#: A placement for bytes that are only checked or framed for a client, never written: the log
+#: stamps the real offsets, time and epoch when it appends them.
+UNPLACED: Final = Placement(0, 0, 0, 0, 0)
+
+
 def frame(
     records: Sequence[NewRecord], at: Placement, max_record_bytes: int, max_batch_bytes: int
 ) -> tuple[bytearray, bytes]:

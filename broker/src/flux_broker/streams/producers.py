@@ -43,8 +43,8 @@ from flux_broker.log.contract import AppendResult
 from flux_broker.log.format import (
     BODY_SIZE_AT,
     HEADER_BYTES,
+    UNPLACED,
     NewRecord,
-    Placement,
     decode,
     frame,
     verify_record,
@@ -320,8 +320,5 @@ def with_producer_header(data: bytes, producer_id: int, sequence: int, count: in
     record = NewRecord(
         value=first.value, key=first.key, headers=(*first.headers, (PRODUCER_HEADER, value))
     )
-    framed, _ = frame([record], _UNPLACED, 2**31 - 1, 2**31 - 1)
+    framed, _ = frame([record], UNPLACED, 2**31 - 1, 2**31 - 1)
     return bytes(framed) + data[end:]
-
-
-_UNPLACED: Final = Placement(0, 0, 0, 0, 0)
