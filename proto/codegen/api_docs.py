@@ -6,7 +6,8 @@ Two Markdown pages are written, both committed and rebuilt by ``nox -s generate`
   ``--include_source_info`` (so the comments of the ``.proto`` files are available): every
   service with its RPCs, every message with a field table (nested messages and enums under their
   parent, map entries folded into ``map<K, V>``), every enum with a value table;
-* the error reference, from the error table ``errors.json`` that the broker and every SDK share.
+* the error reference, from the error table ``errors.json`` that the broker and every SDK share:
+  the broker rows, then the client-side rows (``client_errors``) that SDKs raise themselves.
 
 Usage::
 
@@ -35,6 +36,7 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor_pb2
 
@@ -104,6 +106,14 @@ ERROR_FIELDS: dict[str, tuple[type, ...]] = {
     "description": (str,),
 }
 """The keys every entry of ``errors.json`` must have, with the JSON types allowed for each."""
+
+CLIENT_ERROR_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "reason": (str,),
+    "retriable": (bool,),
+    "description": (str,),
+}
+"""The keys every entry of ``client_errors`` in ``errors.json`` must have."""
 
 CODE_SPAN = re.compile(r"(`[^`\n]+`)")
 LIST_ITEM = re.compile(r"^(?:[-*+]|\d{1,9}[.)])\s+")
@@ -936,12 +946,23 @@ class ErrorEntry:
 
 
 @dataclass(frozen=True)
+class ClientErrorEntry:
+    """One client-side row of the shared error table: raised by an SDK, no broker status."""
+
+    name: str
+    reason: str
+    retriable: bool
+    description: str
+
+
+@dataclass(frozen=True)
 class ErrorTable:
     """The contents of ``errors.json``."""
 
     version: int
     reason_metadata_key: str
     errors: tuple[ErrorEntry, ...]
+    client_errors: tuple[ClientErrorEntry, ...] = ()
 
 
 def load_errors(path: Path) -> ErrorTable:
@@ -973,7 +994,44 @@ def load_errors(path: Path) -> ErrorTable:
         raise DocsError(f"{path}: 'reason_metadata_key' must be a non-empty string")
     if not isinstance(entries, list):
         raise DocsError(f"{path}: 'errors' must be a list")
-    return ErrorTable(version, key, tuple(_error_entry(path, i, e) for i, e in enumerate(entries)))
+    client_entries = data.get("client_errors", [])
+    if not isinstance(client_entries, list):
+        raise DocsError(f"{path}: 'client_errors' must be a list")
+    return ErrorTable(
+        version,
+        key,
+        tuple(_error_entry(path, i, e) for i, e in enumerate(entries)),
+        tuple(_client_error_entry(path, i, e) for i, e in enumerate(client_entries)),
+    )
+
+
+def _check_fields(
+    path: Path, where: str, entry: object, fields: dict[str, tuple[type, ...]]
+) -> dict[str, Any]:
+    """Check that an entry is an object with every key of ``fields``, each of an allowed type.
+
+    Args:
+        path: the file, for messages.
+        where: the entry's place in the file, for messages (``errors[3]``).
+        entry: the decoded JSON value.
+        fields: the required keys and their allowed JSON types.
+
+    Returns:
+        The entry.
+
+    Raises:
+        DocsError: if the entry is not an object, or a key is missing or has the wrong type.
+
+    """
+    if not isinstance(entry, dict):
+        raise DocsError(f"{path}: {where} must be an object")
+    for key, types in fields.items():
+        if key not in entry:
+            raise DocsError(f"{path}: {where} has no {key!r}")
+        value = entry[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise DocsError(f"{path}: {where}.{key} has the wrong type")
+    return entry
 
 
 def _error_entry(path: Path, index: int, entry: object) -> ErrorEntry:
@@ -991,21 +1049,38 @@ def _error_entry(path: Path, index: int, entry: object) -> ErrorEntry:
         DocsError: if a key is missing or has the wrong type.
 
     """
-    if not isinstance(entry, dict):
-        raise DocsError(f"{path}: errors[{index}] must be an object")
-    for key, types in ERROR_FIELDS.items():
-        if key not in entry:
-            raise DocsError(f"{path}: errors[{index}] has no {key!r}")
-        value = entry[key]
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            raise DocsError(f"{path}: errors[{index}].{key} has the wrong type")
+    row = _check_fields(path, f"errors[{index}]", entry, ERROR_FIELDS)
     return ErrorEntry(
-        name=entry["name"],
-        grpc_code=entry["grpc_code"],
-        reason=entry["reason"],
-        liftbridge_message=entry["liftbridge_message"],
-        retriable=entry["retriable"],
-        description=entry["description"],
+        name=row["name"],
+        grpc_code=row["grpc_code"],
+        reason=row["reason"],
+        liftbridge_message=row["liftbridge_message"],
+        retriable=row["retriable"],
+        description=row["description"],
+    )
+
+
+def _client_error_entry(path: Path, index: int, entry: object) -> ClientErrorEntry:
+    """Check and convert one entry of the ``client_errors`` list.
+
+    Args:
+        path: the file, for messages.
+        index: the entry's position, for messages.
+        entry: the decoded JSON value.
+
+    Returns:
+        The entry.
+
+    Raises:
+        DocsError: if a key is missing or has the wrong type.
+
+    """
+    row = _check_fields(path, f"client_errors[{index}]", entry, CLIENT_ERROR_FIELDS)
+    return ClientErrorEntry(
+        name=row["name"],
+        reason=row["reason"],
+        retriable=row["retriable"],
+        description=row["description"],
     )
 
 
@@ -1063,6 +1138,25 @@ def render_errors(errors: ErrorTable, source: str) -> str:
     blocks.append(
         table(["Name", "gRPC code", "Reason", "Liftbridge text", "Retriable", "Meaning"], rows)
     )
+    if errors.client_errors:
+        blocks += [
+            heading(2, "Client-side errors", "client-side-errors"),
+            "SDKs raise these errors themselves, without any broker status (so they have no gRPC "
+            "code or Liftbridge text), and the `code` of every SDK error is one of the names on "
+            "this page.",
+            table(
+                ["Name", "Reason", "Retriable", "Meaning"],
+                [
+                    [
+                        code(entry.name),
+                        code(entry.reason),
+                        "yes" if entry.retriable else "no",
+                        escape_inline(" ".join(entry.description.split())),
+                    ]
+                    for entry in errors.client_errors
+                ],
+            ),
+        ]
     return "\n\n".join(blocks) + "\n"
 
 

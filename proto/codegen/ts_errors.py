@@ -1,5 +1,9 @@
 """Write ``errors.ts``: the error table of ``errors.json`` as typed TypeScript constants.
 
+Both lists are written: the broker rows (``FLUX_ERRORS``), the client-side rows an SDK raises
+without a broker status (``FLUX_CLIENT_ERRORS``), and ``FLUX_ERROR_CODES``, every broker name
+then every client name, in the order of Python's ``flux_proto.errors.ERROR_CODES``.
+
 Usage: ``python ts_errors.py ERRORS_JSON OUT_DIR``. The TypeScript SDK imports the result from
 ``src/gen/errors.ts``; nothing else in TypeScript reads ``errors.json``, so both SDKs share the
 table without the npm package depending on files outside it.
@@ -28,7 +32,12 @@ def render(table: dict[str, object]) -> str:
     rows = table["errors"]
     if not isinstance(rows, list):
         raise TypeError("errors.json: 'errors' must be a list")
+    client_rows = table.get("client_errors", [])
+    if not isinstance(client_rows, list):
+        raise TypeError("errors.json: 'client_errors' must be a list")
     names = " | ".join(_literal(row["name"]) for row in rows)
+    client_names = " | ".join(_literal(row["name"]) for row in client_rows) or "never"
+    client_reasons = " | ".join(_literal(row["reason"]) for row in client_rows) or "never"
     reasons = " | ".join(_literal(row["reason"]) for row in rows)
     codes = " | ".join(_literal(code.name) for code in grpc.StatusCode)
     lines = [
@@ -79,7 +88,51 @@ def render(table: dict[str, object]) -> str:
             f"    description: {_literal(row['description'])},",
             "  },",
         ]
-    lines += ["];", ""]
+    lines += [
+        "];",
+        "",
+        "/** Stable identifiers of the conditions an SDK raises itself, with no broker status. */",
+        f"export type FluxClientErrorName = {client_names};",
+        "",
+        "/** Machine-readable reasons of the client-side conditions (never sent by a broker). */",
+        f"export type FluxClientErrorReason = {client_reasons};",
+        "",
+        "/** One client-side row of the shared error table (see docs/reference/errors.md). */",
+        "export interface FluxClientErrorEntry {",
+        "  /** Stable identifier of the condition. */",
+        "  readonly name: FluxClientErrorName;",
+        "  /** Machine-readable reason. */",
+        "  readonly reason: FluxClientErrorReason;",
+        "  /** Whether retrying the same call may succeed. */",
+        "  readonly retriable: boolean;",
+        "  /** What happened and what to do, for users. */",
+        "  readonly description: string;",
+        "}",
+        "",
+        "/** Every client-side row of the error table, in table order. */",
+        "export const FLUX_CLIENT_ERRORS: readonly FluxClientErrorEntry[] = [",
+    ]
+    for row in client_rows:
+        lines += [
+            "  {",
+            f"    name: {_literal(row['name'])},",
+            f"    reason: {_literal(row['reason'])},",
+            f"    retriable: {_literal(row['retriable'])},",
+            f"    description: {_literal(row['description'])},",
+            "  },",
+        ]
+    lines += [
+        "];",
+        "",
+        "/** The closed set of SDK error codes: every broker and every client-side name. */",
+        "export type FluxErrorCode = FluxErrorName | FluxClientErrorName;",
+        "",
+        "/** Every error code, broker names first, then client names, each once in table order. */",
+        "export const FLUX_ERROR_CODES: readonly FluxErrorCode[] = [",
+        *(f"  {_literal(row['name'])}," for row in (*rows, *client_rows)),
+        "];",
+        "",
+    ]
     return "\n".join(lines)
 
 

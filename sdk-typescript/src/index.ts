@@ -8,7 +8,13 @@
  */
 
 export {
+  FLUX_CLIENT_ERRORS,
+  FLUX_ERROR_CODES,
   FLUX_ERRORS,
+  type FluxClientErrorEntry,
+  type FluxClientErrorName,
+  type FluxClientErrorReason,
+  type FluxErrorCode,
   type FluxErrorEntry,
   type FluxErrorName,
   type FluxErrorReason,

@@ -203,6 +203,34 @@ def test_mixed_null_and_empty_values_of_one_size_are_stamped_like_frame() -> Non
     assert batch == framed
 
 
+@pytest.mark.parametrize("count", [1, UNIFORM, UNIFORM + 1, 500])
+def test_a_different_first_record_before_same_size_ones_is_stamped_like_frame(count: int) -> None:
+    """An idempotent batch's shape: the producer header on the first record only."""
+    first = fmt.NewRecord(b"v" * 20, headers=(("flux.producer", bytes(20)),))
+    records = [first] + [fmt.NewRecord(b"v" * 20)] * count
+    framed, framed_index = fmt.frame(records, AT, MIB, 64 * MIB)
+    batch = _client_batch(records)
+    assert fmt._check_and_stamp_uniform_after_first(bytearray(batch), AT, MIB) is not None or (
+        count < UNIFORM
+    )
+    assert fmt.check_and_stamp(batch, AT, MIB) == framed_index
+    assert batch == framed
+
+
+@given(
+    st.integers(UNIFORM, 2 * UNIFORM),
+    st.lists(st.tuples(st.integers(0), st.integers(0, 255)), min_size=1, max_size=3),
+)
+def test_a_damaged_batch_after_a_different_first_record_agrees_with_the_definition(
+    count: int, edits: list[tuple[int, int]]
+) -> None:
+    first = fmt.NewRecord(b"key", key=b"k", headers=(("h", b"x"),))
+    batch = _client_batch([first] + [fmt.NewRecord(b"v" * 9)] * count)
+    for at, byte in edits:
+        batch[at % len(batch)] = byte
+    assert _outcome(fmt.check_and_stamp, batch) == _outcome(_reference_check_and_stamp, batch)
+
+
 @pytest.mark.parametrize("victim", [0, 1, UNIFORM // 2, UNIFORM])
 def test_every_flipped_bit_of_a_same_size_batch_is_caught_with_its_index(victim: int) -> None:
     """Exhaustive over one record's body size and body (attributes too: the CRC covers them)."""

@@ -295,3 +295,96 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     description: "An unexpected broker failure; the broker log has the details.",
   },
 ];
+
+/** Stable identifiers of the conditions an SDK raises itself, with no broker status. */
+export type FluxClientErrorName = "CLOSED" | "BUFFER_FULL" | "TIMEOUT" | "CONNECTION_FAILED" | "UNKNOWN";
+
+/** Machine-readable reasons of the client-side conditions (never sent by a broker). */
+export type FluxClientErrorReason = "closed" | "buffer-full" | "timeout" | "connection-failed" | "unknown";
+
+/** One client-side row of the shared error table (see docs/reference/errors.md). */
+export interface FluxClientErrorEntry {
+  /** Stable identifier of the condition. */
+  readonly name: FluxClientErrorName;
+  /** Machine-readable reason. */
+  readonly reason: FluxClientErrorReason;
+  /** Whether retrying the same call may succeed. */
+  readonly retriable: boolean;
+  /** What happened and what to do, for users. */
+  readonly description: string;
+}
+
+/** Every client-side row of the error table, in table order. */
+export const FLUX_CLIENT_ERRORS: readonly FluxClientErrorEntry[] = [
+  {
+    name: "CLOSED",
+    reason: "closed",
+    retriable: false,
+    description: "The client, producer or subscription was closed before the call completed. A send still pending at close fails with this error; if it had already gone to the broker, it may or may not have been written.",
+  },
+  {
+    name: "BUFFER_FULL",
+    reason: "buffer-full",
+    retriable: true,
+    description: "The producer's buffer stayed full for its maximum blocking time (`max_block`); the record was not sent.",
+  },
+  {
+    name: "TIMEOUT",
+    reason: "timeout",
+    retriable: true,
+    description: "A call other than a publish did not complete within its timeout; a change it asked for may or may not have been applied.",
+  },
+  {
+    name: "CONNECTION_FAILED",
+    reason: "connection-failed",
+    retriable: true,
+    description: "No broker could be reached: the connection was refused or reset, or no answer came within the keepalive time. Retry with backoff.",
+  },
+  {
+    name: "UNKNOWN",
+    reason: "unknown",
+    retriable: false,
+    description: "The broker answered with a status or reason that this SDK does not know (for example, one added in a newer broker).",
+  },
+];
+
+/** The closed set of SDK error codes: every broker and every client-side name. */
+export type FluxErrorCode = FluxErrorName | FluxClientErrorName;
+
+/** Every error code, broker names first, then client names, each once in table order. */
+export const FLUX_ERROR_CODES: readonly FluxErrorCode[] = [
+  "INVALID_ARGUMENT",
+  "STREAM_RESERVED",
+  "STREAM_EXISTS",
+  "STREAM_NOT_FOUND",
+  "PARTITION_NOT_FOUND",
+  "NOT_LEADER",
+  "PARTITION_PAUSED",
+  "READONLY",
+  "READONLY_END",
+  "STOP_REACHED",
+  "STREAM_EMPTY",
+  "INCORRECT_OFFSET",
+  "OUT_OF_ORDER_SEQUENCE",
+  "DUPLICATE_SEQUENCE",
+  "MESSAGE_TOO_LARGE",
+  "ENCRYPTION_FAILED",
+  "ENCRYPTION_UNAVAILABLE",
+  "ACK_TIMEOUT",
+  "ACK_FAILED",
+  "NO_METADATA_LEADER",
+  "SLOW_CONSUMER",
+  "UNAVAILABLE",
+  "RESOURCE_LIMIT",
+  "OFFSET_OUT_OF_RANGE",
+  "STORAGE_FAILED",
+  "CORRUPT_RECORD",
+  "CURSORS_DISABLED",
+  "UNIMPLEMENTED",
+  "INTERNAL",
+  "CLOSED",
+  "BUFFER_FULL",
+  "TIMEOUT",
+  "CONNECTION_FAILED",
+  "UNKNOWN",
+];

@@ -10,15 +10,18 @@ every suite without a ``conftest.py``:
 and a Hypothesis profile ``ci`` (no deadlines, loaded when ``CI`` is set).
 
 Helpers for test code: :func:`wait_for` / :func:`wait_for_sync` wait for a condition with a
-timeout -- tests never sleep to "make sure".
+timeout -- tests never sleep to "make sure". :class:`TcpProxy` forwards TCP between a client and
+a server and injects network faults: retargeting, resets, a black hole, refused connections.
 """
 
 from flux_testing.nats_server import NatsServer, NatsServerError, nats_server_binary
+from flux_testing.proxy import TcpProxy
 from flux_testing.wait import WaitTimeoutError, wait_for, wait_for_sync
 
 __all__ = [
     "NatsServer",
     "NatsServerError",
+    "TcpProxy",
     "WaitTimeoutError",
     "nats_server_binary",
     "wait_for",

@@ -332,6 +332,8 @@ def check_and_stamp(data: bytearray, at: Placement, max_record_bytes: int) -> by
             first offending record.
     """
     entries = _check_and_stamp_uniform(data, at, max_record_bytes)
+    if entries is None:
+        entries = _check_and_stamp_uniform_after_first(data, at, max_record_bytes)
     if entries is not None:
         return entries
     total = len(data)
@@ -439,6 +441,43 @@ def _check_and_stamp_uniform(data: bytearray, at: Placement, max_record_bytes: i
     for k, byte in enumerate(time_and_epoch, OFFSET_BYTES):
         data[k::size] = bytes((byte,)) * count
     return _uniform_index_entries(at, count, size)
+
+
+def _check_and_stamp_uniform_after_first(
+    data: bytearray, at: Placement, max_record_bytes: int
+) -> bytes | None:
+    """:func:`_check_and_stamp_uniform` for a batch whose records after the first are uniform.
+
+    An idempotent producer's batch has that shape: the broker's ``flux.producer`` header makes
+    its first record different from the rest. The first record is checked on its own, the
+    rest column by column (on a copy, written back only when every record passed).
+
+    Returns:
+        The index entries, ``data`` stamped; or ``None``, ``data`` untouched.
+    """
+    if len(data) < HEADER_BYTES:
+        return None
+    (body_size,) = CRC.unpack_from(data, BODY_SIZE_AT)
+    first = HEADER_BYTES + body_size
+    if first >= len(data) or first > max_record_bytes:
+        return None
+    with memoryview(data) as view:
+        if _check_body(view[HEADER_BYTES:first]) is not None:
+            return None
+    rest = bytearray(data[first:])
+    rest_at = Placement(
+        at.base_offset + 1,
+        at.timestamp_ns,
+        at.leader_epoch,
+        at.segment_base_offset,
+        at.segment_position + first,
+    )
+    rest_entries = _check_and_stamp_uniform(rest, rest_at, max_record_bytes)
+    if rest_entries is None:
+        return None
+    HEADER_STAMP.pack_into(data, 0, at.base_offset, at.timestamp_ns, at.leader_epoch)
+    data[first:] = rest
+    return index_entries(at, (first,)) + rest_entries
 
 
 def _checked_record_size(view: memoryview, position: int, i: int, max_record_bytes: int) -> int:
