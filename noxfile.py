@@ -131,8 +131,10 @@ def conformance(session: nox.Session) -> None:
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Placeholder: runnable examples arrive with the SDK issues."""
-    session.log("examples: placeholder -- no examples exist yet; nothing to run")
+    """Type-check the Python examples (mypy --strict) and run them against a real broker."""
+    install(session, "test", "typecheck")
+    session.run("mypy", "--strict", "examples/python")
+    session.run("python", "examples/python/run_examples.py")
 
 
 @nox.session

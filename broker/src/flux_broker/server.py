@@ -79,6 +79,8 @@ SHUTDOWN_GRACE_S: Final = 5.0
 GRPC_RECEIVE_MIN_BYTES: Final = 4 * 1024 * 1024
 #: Room for a request's other fields beside its largest record.
 _GRPC_ENVELOPE_BYTES: Final = 64 * 1024
+#: Shortest interval between keepalive pings a client may send (on idle connections too).
+CLIENT_PING_MIN_INTERVAL_MS: Final = 1_000
 #: Bound on connecting to NATS at start-up.
 NATS_CONNECT_TIMEOUT_S: Final = 10.0
 _API_SERVICE: Final = api_pb2.DESCRIPTOR.services_by_name["API"].full_name
@@ -324,6 +326,13 @@ class Broker:
             options=[
                 ("grpc.max_receive_message_length", receive_bytes),
                 ("grpc.so_reuseport", 0),
+                # Clients ping to notice dead connections (flux_client: every 10 s by default,
+                # idle or not). gRPC's server default answers pings more often than every
+                # 5 minutes without data with GOAWAY, cutting idle subscriptions; accept
+                # them down to CLIENT_PING_MIN_INTERVAL_MS.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", 0),
             ]
         )
         self._server = server

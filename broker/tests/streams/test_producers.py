@@ -119,6 +119,30 @@ async def test_the_table_is_rebuilt_from_the_log(log: FileCommitLog) -> None:
         rebuilt.duplicate_of(6, 42)
 
 
+async def test_an_incomplete_newest_idempotent_batch_is_cut(log: FileCommitLog) -> None:
+    """A crash tore the newest batch: its whole first records must not claim the batch."""
+    await log.append_framed(with_producer_header(framed(b"a", b"b"), 4, 0, 2))
+    torn = await log.append_framed(with_producer_header(framed(b"c", b"d", b"e"), 4, 1, 3))
+    await log.truncate(torn.base_offset + 2)  # only "c" and "d" reached the file
+    assert await producers.cut_partial_batch(log) == torn.base_offset
+    assert log.newest_offset == torn.base_offset - 1
+    table = ProducerTable()
+    await table.ensure_rebuilt(log)
+    assert table.duplicate_of(4, 1) is None  # batch 1 may be written (again, whole)
+    assert table.duplicate_of(4, 0) is not None
+
+
+async def test_a_complete_or_plain_newest_batch_is_left_alone(log: FileCommitLog) -> None:
+    assert await producers.cut_partial_batch(log) is None  # empty
+    await log.append_framed(with_producer_header(framed(b"a", b"b"), 4, 0, 2))
+    assert await producers.cut_partial_batch(log) is None
+    await log.append_framed(framed(b"plain", b"batch"))
+    torn = await log.append_framed(framed(b"x", b"y", b"z"))
+    await log.truncate(torn.base_offset + 1)
+    assert await producers.cut_partial_batch(log) is None  # no count to check a plain batch
+    assert log.newest_offset == torn.base_offset
+
+
 async def test_an_empty_log_rebuilds_an_empty_table(log: FileCommitLog) -> None:
     table = ProducerTable()
     await table.ensure_rebuilt(log)

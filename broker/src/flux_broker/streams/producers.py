@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Final
@@ -62,10 +63,13 @@ __all__ = [
     "ProducerGuard",
     "ProducerTable",
     "count_records",
+    "cut_partial_batch",
     "parse_producer_header",
     "reserved_header_index",
     "with_producer_header",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: The header the broker adds to the first record of an idempotent batch.
 PRODUCER_HEADER: Final = "flux.producer"
@@ -205,6 +209,73 @@ class ProducerTable:
             for ack in reversed(acks):
                 self.record(producer_id, ack)
         self.rebuilt = True
+
+
+async def cut_partial_batch(log: FileCommitLog) -> int | None:
+    """Cut the newest idempotent batch if a crash left it incomplete.
+
+    A kill can interrupt the write of a batch between pages: the first records reach the file
+    whole, the rest is torn. Recovery cuts the torn record, but the whole ones before it stay,
+    and their ``flux.producer`` header claims the batch was written — a retry would then be
+    answered as a duplicate and the missing records lost. Only the last write can be torn, so
+    only the newest batch is checked: the records back from the newest one that share its
+    timestamp (one batch, one timestamp), up to the nearest producer header. If fewer records
+    follow that header than it counts, the log is truncated there (those records were never
+    acknowledged: the ack follows the complete write). Call before the log takes writes.
+
+    Returns:
+        The offset the log was cut at, or ``None`` when the newest batch is complete (or not
+        idempotent: a torn plain batch has no count to check against).
+    """
+    found = await _incomplete_newest_batch(log)
+    if found is None:
+        return None
+    offset, present, count = found
+    _log.warning(
+        "%s: cutting an incomplete idempotent batch at offset %d "
+        "(%d of its %d records were written before a crash)",
+        log.directory,
+        offset,
+        present,
+        count,
+    )
+    await log.truncate(offset)
+    return offset
+
+
+async def _incomplete_newest_batch(log: FileCommitLog) -> tuple[int, int, int] | None:
+    """(header offset, records present, records counted) of an incomplete newest batch."""
+    newest = log.newest_offset
+    if newest < log.oldest_offset:
+        return None
+    reader = log.reverse_reader(newest, committed=False)
+    tail_timestamp: int | None = None
+    scanned = 0
+    try:
+        while scanned <= log.config.batch_max_bytes:  # a batch is never longer
+            batch = await reader.read(1 << 20)
+            if batch is None or batch.count == 0:
+                return None
+            scanned += len(batch.data)
+            for record in batch.records():  # newest first
+                if tail_timestamp is None:
+                    tail_timestamp = record.timestamp_ns
+                elif record.timestamp_ns != tail_timestamp:
+                    return None  # past the newest batch: it has no producer header
+                header = _producer_header_of(record.headers)
+                if header is not None:
+                    present, count = newest - record.offset + 1, header[2]
+                    return (record.offset, present, count) if present < count else None
+    finally:
+        reader.close()
+    return None
+
+
+def _producer_header_of(headers: tuple[tuple[str, bytes], ...]) -> tuple[int, int, int] | None:
+    for name, value in headers:
+        if name == PRODUCER_HEADER:
+            return parse_producer_header(value)
+    return None
 
 
 def _collect(

@@ -32,6 +32,7 @@ from flux_broker.nats.subjects import partition_subject
 from flux_broker.streams.auto_pause import AutoPause, run_auto_pause
 from flux_broker.streams.live import LivePartition, LiveStream, PartitionState
 from flux_broker.streams.partition import Partition as PartitionLeader
+from flux_broker.streams.producers import cut_partial_batch
 from flux_broker.streams.storage import close_partitions, read_high_watermark, stream_log_config
 
 __all__ = ["PartitionRunner", "Pauser"]
@@ -121,6 +122,7 @@ class PartitionRunner:
             log = await FileCommitLog.open(
                 self._directory(stream.name, partition.id), config, self._clock
             )
+            await cut_partial_batch(log)
             # A cluster of one: everything written is on the whole ISR, so it is committed.
             log.set_high_watermark(log.newest_offset)
             meta = partition.metadata
