@@ -130,6 +130,26 @@ async def test_new_records_arrive_while_subscribed(api: API) -> None:
     assert (batch.firstOffset, values([batch])) == (0, [7])
 
 
+async def test_a_waiting_subscriber_gets_new_records_within_its_budget(api: API) -> None:
+    await create(api, "live-budget")
+    request = api_pb2.SubscribeBatchRequest(
+        subscribe=api_pb2.SubscribeRequest(stream="live-budget"), maxBytes=1024
+    )
+    call = api.SubscribeBatch(request)
+    received: list[api_pb2.RecordBatch] = []
+    async with asyncio.timeout(TIMEOUT_S):
+        stream = aiter(call)
+        assert (await anext(stream)).lastOffset == -1  # now waiting at the end of the log
+        records = framed(*(b"%0100d" % i for i in range(50)))
+        await publish(api, [api_pb2.PublishBatchRequest(stream="live-budget", records=records)])
+        while sum(batch.recordCount for batch in received) < 50:
+            received.append(await anext(stream))
+    call.cancel()
+    assert values(received) == list(range(50))
+    assert len(received) > 1
+    assert all(len(batch.records) <= 1024 for batch in received)
+
+
 async def test_bad_requests_fail_before_the_handshake(api: API) -> None:
     await create(api, "badsb")
     cases = {

@@ -286,8 +286,12 @@ async def _wait_for_batch(
     closing: asyncio.Event,
     changed: asyncio.Event,
     timeout_s: float | None,
+    budget_bytes: int,
 ) -> RecordBatch | None:
     """Wait for the next committed batch, racing shutdown, a partition change and a timeout.
+
+    The batch holds at most ``budget_bytes`` of records (at least one record), as one read
+    without waiting would.
 
     Returns:
         The batch, or ``None`` when ``timeout_s`` passed or the partition changed first.
@@ -297,7 +301,7 @@ async def _wait_for_batch(
         LogClosedError: The log closed.
         CorruptRecordError: The next record is corrupt.
     """
-    read = asyncio.ensure_future(reader.read())
+    read = asyncio.ensure_future(reader.read(budget_bytes))
     closed = asyncio.ensure_future(closing.wait())
     change = asyncio.ensure_future(changed.wait())
     waits = (read, closed, change)
@@ -346,7 +350,9 @@ async def _batches(
                 raise _readonly_end()
             if stop.reached_in_time(clock, caught_up=reader.next_offset > log.newest_offset):
                 raise _stop_reached()
-            batch = await _wait_for_batch(reader, closing, changed, stop.wait_s(clock))
+            batch = await _wait_for_batch(
+                reader, closing, changed, stop.wait_s(clock), budget_bytes
+            )
             if batch is None:
                 continue
         cut, stopped = _cut(batch, start, stop)
