@@ -11,6 +11,7 @@ survives faults.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -426,3 +427,56 @@ async def test_ack_policy_none_resolves_without_offsets(client: flux_client.Clie
         return values_of(await read_all(address, "fire-and-forget")) == [b"x"]
 
     await wait_for(stored, TIMEOUT_S)
+
+
+async def test_a_black_holed_connection_is_noticed_within_two_keepalives(
+    client: flux_client.Client, proxied: Proxied
+) -> None:
+    """Criterion 6: pending sends see a reconnect (keepalive 1 s + 1 s timeout), then an ack."""
+    await client.create_stream("black-hole")
+    async with client.producer(delivery_timeout_ms=30_000) as producer:
+        await producer.send("black-hole", b"warm")
+        proxied.proxy.black_hole(True)
+        sending = asyncio.ensure_future(producer.send("black-hole", b"pending"))
+        await wait_for(lambda: producer.stats().batches_in_flight == 1, TIMEOUT_S)
+        started = time.monotonic()
+        await wait_for(lambda: producer.stats().retries > 0, TIMEOUT_S, interval_s=0.05)
+        noticed_s = time.monotonic() - started
+        proxied.proxy.black_hole(False)
+        meta = await asyncio.wait_for(sending, TIMEOUT_S)
+    assert noticed_s < 2 * (1.0 + 1.0) + 0.5
+    assert meta.offset == 1
+    assert producer.stats().reconnects >= 1
+
+
+async def test_no_public_call_blocks_the_event_loop(client: flux_client.Client) -> None:
+    """Criterion 14: asyncio debug mode logs every callback slower than the threshold."""
+    loop = asyncio.get_running_loop()
+    slow: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Executing" in record.getMessage():
+                slow.append(record.getMessage())
+
+    handler = Catch()
+    logging.getLogger("asyncio").addHandler(handler)
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.1
+    try:
+        await client.create_stream("non-blocking", partitions=2)
+        async with client.producer() as producer:
+            await producer.send_batch("non-blocking", [b"x" * 128] * 20_000)
+            for _ in range(200):  # (creating many tasks at once is slow in debug mode itself)
+                await producer.send("non-blocking", b"y")
+        count = 0
+        async for _ in client.subscribe_stream(
+            "non-blocking", start=flux_client.Start.EARLIEST, stop=flux_client.Stop.LATEST
+        ):
+            count += 1
+        await client.fetch_metadata()
+    finally:
+        loop.set_debug(False)
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert count == 20_200
+    assert not slow, slow[:3]
