@@ -126,3 +126,18 @@ def test_flux_cli_runs_as_a_process() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"flux {flux_client.__version__}"
+
+
+def test_message_fields_keep_their_order() -> None:
+    """The subscription builds messages positionally (tuple.__new__) on its hot path."""
+    assert flux_client.Message._fields == (
+        "stream",
+        "partition",
+        "offset",
+        "key",
+        "value",
+        "headers",
+        "timestamp",
+        "subject",
+        "reply_subject",
+    )

@@ -824,8 +824,11 @@ class Subscription:
             partition.subject,
             _NO_HEADERS,
         )
+        # tuple.__new__ skips the named tuple's Python-level __new__: twice the messages a
+        # second. The field order is Message's.
+        new = tuple.__new__
         return [
-            Message(stream, pid, offset, key, value, no_headers, timestamp, subject)
+            new(Message, (stream, pid, offset, key, value, no_headers, timestamp, subject, ""))
             if not headers
             else _with_headers(stream, pid, subject, offset, timestamp, key, value, headers)
             for offset, timestamp, _epoch, key, value, headers in records
