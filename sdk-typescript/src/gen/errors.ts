@@ -344,7 +344,7 @@ export const FLUX_CLIENT_ERRORS: readonly FluxClientErrorEntry[] = [
     name: "UNKNOWN",
     reason: "unknown",
     retriable: false,
-    description: "The broker answered with a status or reason that this SDK does not know (for example, one added in a newer broker).",
+    description: "The broker answered with a status this SDK cannot map: neither its reason nor its gRPC code has a row (a reason it does not know, say from a newer broker, is mapped by its code when the code has one).",
   },
 ];
 
