@@ -283,12 +283,33 @@ class Producer:
             return
         self._closed = True
         self._client._release(self)
+        bound_s = (timeout_ms / 1000) if timeout_ms is not None else self._delivery_timeout_s + 1
+        deadline = time.monotonic() + bound_s
         try:
             with contextlib.suppress(FluxError):
-                await self.flush(timeout_ms)
+                await self.flush(bound_s * 1000)
+            await self._end_calls(deadline)
         finally:
             self._shutdown(ClosedError("the producer was closed before the send completed"))
             self._stopped.set()
+
+    async def _end_calls(self, deadline: float) -> None:
+        """Half-close every publish call and wait (until ``deadline``) for the broker to end it.
+
+        Cancelling a call right after its last write could let the broker drop requests it
+        had not read yet — with ``AckPolicy.NONE`` those were already reported as sent.
+        """
+        for connection in list(self._connections.values()):
+            remaining = deadline - time.monotonic()
+            if not connection.alive or connection.outbox or remaining <= 0:
+                continue
+            with contextlib.suppress(
+                TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
+            ):
+                async with asyncio.timeout(remaining):
+                    await connection.call.done_writing()
+                    if connection.reader is not None:
+                        await asyncio.shield(connection.reader)
 
     def _shutdown(self, error: FluxError) -> None:
         for queue in self._queues.values():
