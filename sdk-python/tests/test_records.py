@@ -446,3 +446,17 @@ def test_same_size_batches_round_trip(
     assert decode_records(framed) == expected(batch, PLACEMENT)
     assert encode_all(batch) == unstamped(framed)
     assert decode_records(unstamped(framed)) == expected(batch)
+
+
+def test_uniform_columns_agree_with_the_records() -> None:
+    from flux_client._records import uniform_columns  # noqa: PLC0415
+
+    data = b"".join(encode_record(b"%05d" % i, None, ()) for i in range(40))
+    columns = uniform_columns(data)
+    assert columns is not None
+    offsets, timestamps, epochs, keys, values = columns
+    rebuilt = list(zip(offsets, timestamps, epochs, keys, values, strict=False))
+    assert rebuilt == [
+        (r.offset, r.timestamp_ns, r.leader_epoch, r.key, r.value) for r in decode_records(data)
+    ]
+    assert uniform_columns(data[:-1]) is None  # not a whole number of records

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Final, overload
 
 from flux_client._errors import AckTimeoutError, FluxError
@@ -86,6 +87,20 @@ class AckedRun(Sequence[RecordMetadata]):
             raise IndexError("record index out of range")
         offset = self.first_offset + index if self.first_offset >= 0 else -1
         return RecordMetadata(self.stream, self.partition, offset, self.timestamp)
+
+    def __iter__(self) -> Iterator[RecordMetadata]:
+        new, stream, partition, timestamp = (
+            tuple.__new__,
+            self.stream,
+            self.partition,
+            self.timestamp,
+        )
+        if self.first_offset < 0:
+            offsets: Iterable[int] = repeat(-1, self.length)
+        else:
+            offsets = range(self.first_offset, self.first_offset + self.length)
+        for offset in offsets:
+            yield new(RecordMetadata, (stream, partition, offset, timestamp))
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self, cast, overload
@@ -114,6 +114,10 @@ class _Concatenated(Sequence[RecordMetadata]):
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def __iter__(self) -> Iterator[RecordMetadata]:
+        for run in self._runs:
+            yield from run
 
     @overload
     def __getitem__(self, index: int) -> RecordMetadata: ...

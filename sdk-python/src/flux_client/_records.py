@@ -248,6 +248,23 @@ def decode_records(data: BytesLike, *, verify_crc: bool = True) -> list[DecodedR
 
 
 def _decode_uniform(data: bytes, verify_crc: bool) -> list[DecodedRecord] | None:
+    """:func:`uniform_columns` as records."""
+    columns = uniform_columns(data, verify_crc)
+    if columns is None:
+        return None
+    offsets, timestamps, epochs, keys, values = columns
+    fields = zip(offsets, timestamps, epochs, keys, values, itertools.repeat(()), strict=False)
+    return list(map(tuple.__new__, itertools.repeat(DecodedRecord), fields))
+
+
+#: Columns of a uniform batch: offsets, timestamps, leader epochs, keys, values (keys and
+#: values an endless repeat of ``None`` when null).
+Columns = tuple[
+    Sequence[int], Sequence[int], Sequence[int], Iterable[bytes | None], Iterable[bytes | None]
+]
+
+
+def uniform_columns(data: BytesLike, verify_crc: bool = True) -> Columns | None:
     """Decode a batch of same-size records without headers, column by column.
 
     When the first record has no headers and ``data`` is a whole number of at least eight
@@ -255,10 +272,15 @@ def _decode_uniform(data: bytes, verify_crc: bool) -> list[DecodedRecord] | None
     checked for all records at once: every record's body size, magic, lengths and header count
     must equal the first's, and every CRC must match.
 
+    A consumer can build its own objects from the columns without a tuple per record in
+    between.
+
     Returns:
-        The records; or ``None`` when the batch is not of that shape or a record fails a
-        check (the general decoder then names the first bad record).
+        The columns; or ``None`` when the batch is not of that shape or a record fails a
+        check (:func:`decode_records` then names the first bad record).
     """
+    if type(data) is not bytes:
+        data = bytes(data)
     shape = _uniform_shape(data)
     if shape is None:
         return None
@@ -291,8 +313,7 @@ def _decode_uniform(data: bytes, verify_crc: bool) -> list[DecodedRecord] | None
     none = itertools.repeat(None)
     keys: Iterable[bytes | None] = columns[4] if key_length >= 0 else none
     values: Iterable[bytes | None] = columns[-1] if value_length >= 0 else none
-    fields = zip(*columns[:3], keys, values, itertools.repeat(()), strict=False)
-    return list(map(tuple.__new__, itertools.repeat(DecodedRecord), fields))
+    return columns[0], columns[1], columns[2], keys, values
 
 
 def _uniform_shape(data: bytes) -> tuple[int, int, int] | None:

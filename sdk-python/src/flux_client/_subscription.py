@@ -77,6 +77,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Final, Self, TypeVar, cast
 
@@ -97,7 +98,7 @@ from flux_client._errors import (
     from_rpc_error,
 )
 from flux_client._records import CorruptRecordError as _CorruptBytesError
-from flux_client._records import decode_records
+from flux_client._records import decode_records, uniform_columns
 from flux_client._retry import Backoff
 from flux_client._types import Message, Start, Stop, _StartKind, _StopKind
 from flux_proto import api_pb2
@@ -811,6 +812,26 @@ class Subscription:
 
     def _decode(self, partition: _Partition, batch: api_pb2.RecordBatch) -> list[Message]:
         """The messages of a batch (the hot path: one comprehension, no per-record call)."""
+        stream, pid, subject = self._stream, partition.id, partition.subject
+        columns = uniform_columns(batch.records)
+        if columns is not None:
+            # Same-size records without headers, the common case: one tuple per message, built
+            # column by column without a Python-level call per record.
+            offsets, timestamps, _epochs, keys, values = columns
+            count = len(offsets)
+            fields = zip(
+                repeat(stream, count),
+                repeat(pid, count),
+                offsets,
+                keys,
+                values,
+                repeat(_NO_HEADERS, count),
+                timestamps,
+                repeat(subject, count),
+                repeat("", count),
+                strict=False,
+            )
+            return list(map(tuple.__new__, repeat(Message, count), fields))
         try:
             records = decode_records(batch.records)
         except _CorruptBytesError as error:
