@@ -1,4 +1,4 @@
-"""Flux's data paths against NATS JetStream, both measured in one run (issue 8).
+"""Flux's data paths against NATS JetStream, and the Python SDK against the raw RPCs (issue 8).
 
 One run starts, per pass, a real Flux broker (:class:`flux_testing.broker.BrokerProcess`, with
 its embedded NATS server) and a ``nats-server -js`` (:class:`jetstream_baseline.JetStreamServer`,
@@ -26,23 +26,40 @@ JetStream first and Flux right after it, so both see the same machine load:
    before acking it: Flux with ``streams.sync.policy: always``, JetStream with
    ``sync_interval: always`` (its ``async`` scenario).
 
-Rows 1-4 run on a broker with ``streams.sync.policy: never`` and JetStream's default (a
+6. **sdk-publish** -- ``flux_client``'s ``Producer.send_batch`` against the raw ``PublishBatch``
+   call doing the same client work: its batches are framed from the values, batch by batch, with
+   :func:`flux_client._records.encode_record` (row 2 frames its batches once and resends them,
+   so it leaves the framing out). The SDK runs with 1, 4 and 8 tasks each calling
+   ``send_batch`` with thousands of records (idempotent, ack LEADER); the best counts. Row 2's
+   way is measured again beside them, for information.
+7. **sdk-consume** -- ``client.subscribe(stream, 0, start=Start.EARLIEST, stop=Stop.LATEST)``
+   against the raw ``SubscribeBatch`` call that also decodes every batch with
+   :func:`flux_client._records.decode_records` (row 3 does not decode). Both check every
+   record's offset, one record at a time. One stream as large as row 3's is filled once
+   (untimed) and read by each; row 3's way is measured again beside them, for information.
+
+Rows 6 and 7 have no JetStream side: their baseline is the raw call, and their target is the
+issue's "the SDK loses at most 20 %" (ratio ≥ 0.8, at both record sizes).
+
+Rows 1-4, 6 and 7 run on a broker with ``streams.sync.policy: never`` and JetStream's default (a
 2-minute sync interval): an ack means written, not synced, on both. Every timed run stops at a
 time cap (``max_seconds`` of the plan; what was acked until then counts) and every wait is
 bounded. Each Flux publish run uses a fresh stream, deleted afterwards, whose newest offset is
 checked against the acks.
 
-The program prints progress, then one table: per row and size the best Flux figure and how
-it was reached, the best JetStream figure of ``nats bench`` (natscli, see
+The program prints progress, then one table for rows 1-5: per row and size the best Flux figure
+and how it was reached, the best JetStream figure of ``nats bench`` (natscli, see
 :func:`jetstream_baseline.install_natscli`) and of nats-py, the ratio of Flux to the better of
 the two (for latency, JetStream's p50 over Flux's: above 1 always means Flux is ahead), and
-the issue's target for 128 B records. It ends with the peak RSS (``VmHWM``) of each server
+the issue's target for 128 B records. A second table gives rows 6 and 7: the SDK's best
+figure, the raw same-work baseline's, their ratio, and row 2's or 3's way for information. It
+ends with the peak RSS (``VmHWM``) of each server
 process. The results go to ``broker/bench/results/data_path_bench.json`` and a chart to
 ``data_path_bench.png`` beside it (``results/quick/`` for ``--quick`` runs, which are not
 committed). Run it from the repository root::
 
     .venv/bin/python broker/bench/data_path_bench.py --quick   # a smoke run, about 40 s
-    .venv/bin/python broker/bench/data_path_bench.py           # the full run, about 4 minutes
+    .venv/bin/python broker/bench/data_path_bench.py           # the full run, about 5 minutes
     nox -s bench -- --quick                                    # with the other benchmarks
 
 It never fails because something is slow, only when something answers wrongly or not at all;
@@ -57,6 +74,7 @@ import contextlib
 import datetime
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -79,8 +97,11 @@ from jetstream_baseline import BenchError, Case, Result, say
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
+import flux_client
 from flux_broker.log.format import HEADER, NewRecord, Placement, frame
 from flux_broker.nats.envelope import EnvelopeError, decode_ack, encode_message
+from flux_client import FluxError, RecordMetadata, Start, Stop
+from flux_client._records import decode_records, encode_record
 from flux_proto import api_pb2, api_pb2_grpc
 from flux_testing.broker import BrokerProcess
 
@@ -91,6 +112,7 @@ if TYPE_CHECKING:  # the async stub exists only in the type stubs; matplotlib on
 
 SIZES: Final = jb.SIZES
 FLUX: Final = "flux"
+SDK: Final = "flux_client"  # the tool of rows 6 and 7's SDK measurements
 LEADER: Final = api_pb2.AckPolicy.LEADER
 ACK_OK: Final = api_pb2.Ack.Error.OK
 ACKED_WINDOW: Final = jb.ACKED_WINDOW  # row 1: records in flight, as JetStream's acked-256
@@ -159,10 +181,12 @@ class RowSpec:
         number: The issue's number for it (1-5).
         key: Its name on the command line (``--only``) and the Flux results' scenario.
         title: What it measures, as printed.
-        jetstream: The :mod:`jetstream_baseline` scenario it is compared with.
+        jetstream: The :mod:`jetstream_baseline` scenario it is compared with (``""`` for the
+            SDK rows, whose baseline is the raw call).
         durable: Whether it runs on the servers that sync every write.
         latency: Whether it compares p50 latency rather than records/s.
-        target: The issue's target for 128 B records.
+        target: The issue's target for 128 B records (the SDK rows: at every size).
+        sdk: An SDK row (6, 7): ``flux_client`` against the raw RPC doing the same work.
     """
 
     number: int
@@ -172,6 +196,7 @@ class RowSpec:
     durable: bool = False
     latency: bool = False
     target: Target | None = None
+    sdk: bool = False
 
 
 TARGET_SIZE: Final = 128  # the issue's targets are for 128 B records
@@ -195,6 +220,14 @@ ROWS: Final = (
         5, "durable", "durable publish", "async", durable=True,
         target=Target("≥ 100k/s, > 1x", ahead=True, min_rate=1e5),
     ),
+    RowSpec(
+        6, "sdk-publish", "SDK send_batch vs raw", "", sdk=True,
+        target=Target("≥ 0.8x raw", min_ratio=0.8),
+    ),
+    RowSpec(
+        7, "sdk-consume", "SDK subscribe vs raw", "", sdk=True,
+        target=Target("≥ 0.8x raw", min_ratio=0.8),
+    ),
 )  # fmt: skip
 ROW_KEYS: Final = tuple(row.key for row in ROWS)
 
@@ -213,6 +246,19 @@ class BatchShape:
 
 
 @dataclass(frozen=True, slots=True)
+class SdkShape:
+    """How an SDK publish run sends: records per ``send_batch`` call and tasks calling it."""
+
+    records: int
+    tasks: int
+
+    @property
+    def variant(self) -> str:
+        """``send-batch-<records>x<tasks>``."""
+        return f"send-batch-{self.records}x{self.tasks}"
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """How many records each run uses.
 
@@ -221,7 +267,8 @@ class Plan:
         acked: Records of each Flux run of row 1.
         batched: Records of each Flux run of rows 2 and 5 (runs stop earlier at the cap).
         one_by_one: Publishes of each Flux run of row 4.
-        shapes: Batch shapes tried in rows 2 and 5, by record size.
+        shapes: Batch shapes tried in rows 2 and 5, by record size (and by row 6's raw runs).
+        sdk_shapes: ``send_batch`` calls tried in row 6, by record size.
         warmup: Records of each path's warm-up on a new broker.
         max_seconds: Time cap of one timed run of either system (``nats bench`` is killed
             after 4x that, a fill after 4x that too).
@@ -232,6 +279,7 @@ class Plan:
     batched: int
     one_by_one: int
     shapes: dict[int, tuple[BatchShape, ...]]
+    sdk_shapes: dict[int, tuple[SdkShape, ...]]
     warmup: int
     max_seconds: float
 
@@ -250,13 +298,23 @@ QUICK_SHAPES: Final[dict[int, tuple[BatchShape, ...]]] = {
     128: (BatchShape(4000, 4),),
     1024: (BatchShape(1000, 4),),
 }
+#: ``send_batch`` calls tried in row 6: 1, 4 and 8 tasks, each call about one default batch
+#: (1 MiB) of 128 B records, or about five of 1 KiB ones.
+SDK_SHAPES: Final[dict[int, tuple[SdkShape, ...]]] = {
+    128: (SdkShape(6000, 1), SdkShape(6000, 4), SdkShape(6000, 8)),
+    1024: (SdkShape(5000, 1), SdkShape(5000, 4), SdkShape(5000, 8)),
+}
+QUICK_SDK_SHAPES: Final[dict[int, tuple[SdkShape, ...]]] = {
+    128: (SdkShape(6000, 1), SdkShape(6000, 4)),
+    1024: (SdkShape(5000, 1), SdkShape(5000, 4)),
+}
 FULL: Final = Plan(
     jetstream=jb.Plan(
         acked=100_000, async_=200_000, consume=1_000_000, consume_large=250_000,
         one_by_one=5_000, durable=10_000, durable_one_by_one=0, max_seconds=6.0,
     ),
-    acked=100_000, batched=2_000_000, one_by_one=5_000, shapes=SHAPES, warmup=2_000,
-    max_seconds=6.0,
+    acked=100_000, batched=2_000_000, one_by_one=5_000, shapes=SHAPES, sdk_shapes=SDK_SHAPES,
+    warmup=2_000, max_seconds=6.0,
 )  # fmt: skip
 QUICK: Final = Plan(
     jetstream=jb.Plan(
@@ -264,7 +322,7 @@ QUICK: Final = Plan(
         one_by_one=500, durable=2_000, durable_one_by_one=0, max_seconds=2.0,
     ),
     acked=10_000, batched=200_000, one_by_one=500,
-    shapes=QUICK_SHAPES, warmup=500, max_seconds=2.0,
+    shapes=QUICK_SHAPES, sdk_shapes=QUICK_SDK_SHAPES, warmup=500, max_seconds=2.0,
 )  # fmt: skip
 
 
@@ -397,12 +455,12 @@ async def running_flux(root: Path, policy: str) -> AsyncIterator[FluxBroker]:
 
 
 async def guarded(run: Awaitable[Result]) -> Result:
-    """``run``'s result; a gRPC or NATS error or a timeout becomes a :class:`BenchError`."""
+    """``run``'s result; a gRPC, NATS or SDK error or a timeout becomes a :class:`BenchError`."""
     try:
         return await run
     except grpc.aio.AioRpcError as error:
         raise BenchError(f"{error.code().name}: {error.details()}") from error
-    except (TimeoutError, nats.errors.Error, EnvelopeError) as error:
+    except (TimeoutError, nats.errors.Error, EnvelopeError, FluxError) as error:
         raise BenchError(f"{type(error).__name__}: {error}") from error
 
 
@@ -514,11 +572,19 @@ async def flux_nats_one_by_one(
 
 
 async def publish_batches(
-    broker: FluxBroker, stream: str, size: int, count: int, shape: BatchShape, *, max_seconds: float
+    broker: FluxBroker,
+    stream: str,
+    size: int,
+    count: int,
+    shape: BatchShape,
+    *,
+    max_seconds: float,
+    make_request: Callable[[int], bytes] | None = None,
 ) -> tuple[int, float]:
     """Publish ``count`` records to ``stream`` on one ``PublishBatch`` call, batched as ``shape``.
 
-    The batches are framed and serialized once and sent again and again; at most
+    The batches are framed and serialized once and sent again and again -- or, with
+    ``make_request``, each request is made by ``make_request(records)`` when it is sent. At most
     ``shape.window`` are unanswered. Sending stops at ``count`` records or after
     ``max_seconds``. Each response must ack its whole batch at the next offsets.
 
@@ -531,12 +597,16 @@ async def publish_batches(
     """
     full, rest = divmod(count, shape.records)
     sizes = [shape.records] * full + ([rest] if rest else [])
-    requests: dict[int, bytes] = {
-        n: api_pb2.PublishBatchRequest(
-            stream=stream, partition=0, records=framed_records(size, n), ackPolicy=LEADER
-        ).SerializeToString()
-        for n in set(sizes)
-    }
+    requests: dict[int, bytes] = (
+        {}
+        if make_request
+        else {
+            n: api_pb2.PublishBatchRequest(
+                stream=stream, partition=0, records=framed_records(size, n), ackPolicy=LEADER
+            ).SerializeToString()
+            for n in set(sizes)
+        }
+    )
     slots = asyncio.Semaphore(shape.window)
     clock = time.perf_counter
     sent = 0
@@ -549,7 +619,8 @@ async def publish_batches(
             if sent and clock() > deadline:
                 return
             sent += 1
-            yield requests[sizes[sent - 1]]
+            n = sizes[sent - 1]
+            yield make_request(n) if make_request else requests[n]
 
     gc.collect()
     start = clock()
@@ -668,14 +739,263 @@ async def flux_subscribe_batched(
     )  # fmt: skip
 
 
+# -- the SDK against the raw calls (rows 6 and 7) -----------------------------------------------
+
+
+def values_pool(size: int) -> list[bytes]:
+    """:data:`POOL` random ``size``-byte values: the records of row 6, raw and SDK alike."""
+    return [os.urandom(size) for _ in range(POOL)]
+
+
+def cycled(values: Sequence[bytes], count: int) -> list[bytes]:
+    """``count`` values taken from ``values`` in turn."""
+    return [values[i % len(values)] for i in range(count)]
+
+
+async def flux_publish_framing(
+    broker: FluxBroker,
+    case: Case,
+    values: Sequence[bytes],
+    count: int,
+    shape: BatchShape,
+    *,
+    max_seconds: float,
+) -> Result:
+    """Row 6's raw baseline: :func:`publish_batches` framing each batch from its values.
+
+    Each request is made when it is sent: every value is framed with ``encode_record`` (as
+    ``send_batch`` does), the records joined, and the request built and serialized (as the
+    SDK's stub does). The stream is fresh, and its newest offset is checked against the acks.
+    """
+    name, _subject = await broker.create_stream(f"{case.scenario}-{case.size}")
+    batch_values = {n: cycled(values, n) for n in {shape.records, count % shape.records} if n}
+
+    def make_request(n: int) -> bytes:
+        records = b"".join([encode_record(value, None, ()) for value in batch_values[n]])
+        return api_pb2.PublishBatchRequest(
+            stream=name, partition=0, records=records, ackPolicy=LEADER
+        ).SerializeToString()
+
+    try:
+        acked, seconds = await publish_batches(
+            broker, name, case.size, count, shape, max_seconds=max_seconds,
+            make_request=make_request,
+        )  # fmt: skip
+        newest = await broker.newest_offset(name)
+    finally:
+        await broker.delete_stream(name)
+    if newest != acked - 1:
+        raise BenchError(f"{acked} records acked, but the newest offset is {newest}")
+    return case.result(
+        FLUX, f"framing-{shape.variant}", acked, seconds,
+        notes=f"PublishBatch, one call, each batch of {shape.records} framed from its values "
+        f"with encode_record when sent, {shape.window} in flight, ack LEADER",
+    )  # fmt: skip
+
+
+def check_answers(answers: Sequence[Sequence[RecordMetadata]], total: int) -> None:
+    """Check the ends of each ``send_batch`` answer: within 0 to ``total - 1``, in order.
+
+    The first records of the answers must have distinct offsets. (Reading every record's
+    metadata would take longer than sending it; the counts and the newest offset are checked
+    by the caller.)
+    """
+    firsts = set()
+    for metas in answers:
+        first, last = metas[0].offset, metas[-1].offset
+        if not 0 <= first <= last < total or last - first < len(metas) - 1 or first in firsts:
+            raise BenchError(f"a send_batch of {len(metas)} records was acked at {first}-{last}")
+        firsts.add(first)
+
+
+async def sdk_publish(
+    client: flux_client.Client,
+    broker: FluxBroker,
+    case: Case,
+    values: Sequence[bytes],
+    count: int,
+    *,
+    shape: SdkShape,
+    max_seconds: float,
+) -> Result:
+    """Row 6's SDK side: ``shape.tasks`` tasks call ``send_batch`` until ``count`` or the cap.
+
+    One default producer (idempotent, ack LEADER) per run, into a fresh stream, partition 0.
+    Each call sends ``shape.records`` values and must answer with as many records' metadata.
+    Afterwards (untimed) the answers are checked (:func:`check_answers`), the records answered
+    must be the records sent, the producer's counters must agree, and the partition's newest
+    offset must be the last one acked.
+    """
+    name, _subject = await broker.create_stream(f"{case.scenario}-{case.size}")
+    chunk = cycled(values, shape.records)
+    answers: list[Sequence[RecordMetadata]] = []
+    clock = time.perf_counter
+    sent = 0
+    deadline = math.inf
+    try:
+        async with client.producer() as producer:
+
+            async def caller() -> None:
+                nonlocal sent
+                while sent < count and (not sent or clock() < deadline):
+                    n = min(shape.records, count - sent)
+                    sent += n
+                    metas = await producer.send_batch(
+                        name, chunk if n == shape.records else chunk[:n], partition=0
+                    )
+                    if len(metas) != n:
+                        raise BenchError(f"send_batch of {n} records answered {len(metas)}")
+                    answers.append(metas)
+
+            gc.collect()
+            start = clock()
+            deadline = start + max_seconds
+            try:
+                async with (
+                    asyncio.timeout(max_seconds + DRAIN_TIMEOUT_S),
+                    asyncio.TaskGroup() as tasks,
+                ):
+                    for _ in range(shape.tasks):
+                        tasks.create_task(caller())
+            except ExceptionGroup as failed:
+                first = failed.exceptions[0]
+                raise BenchError(f"{type(first).__name__}: {first}") from failed
+            seconds = clock() - start
+            stats = producer.stats()
+        newest = await broker.newest_offset(name)
+    finally:
+        await broker.delete_stream(name)
+    acked = sum(map(len, answers))
+    check_answers(answers, acked)
+    if acked != sent or stats.records_acked != acked or stats.records_failed or newest != acked - 1:
+        raise BenchError(
+            f"{sent} records sent, {acked} answered, {stats.records_acked} acked and "
+            f"{stats.records_failed} failed by the producer's count; newest offset {newest}"
+        )
+    return case.result(
+        SDK, shape.variant, acked, seconds,
+        notes=f"Producer.send_batch, {shape.tasks} task(s) each sending {shape.records} values "
+        f"a call, partition 0, default producer (idempotent, ack LEADER, "
+        f"{stats.batches_sent} batches)",
+    )  # fmt: skip
+
+
+async def flux_subscribe_decoding(
+    broker: FluxBroker, case: Case, stream: str, count: int, max_bytes: int, *, max_seconds: float
+) -> Result:
+    """Row 7's raw baseline: :func:`flux_subscribe_batched`, decoding every batch.
+
+    Each batch's records are decoded with ``decode_records`` (as the SDK does) and each record's
+    offset checked, one record at a time (as row 7's SDK side checks each message's); the call
+    must end OK after exactly ``count`` records. Reading stops early at the time cap.
+    """
+    request = api_pb2.SubscribeBatchRequest(
+        subscribe=api_pb2.SubscribeRequest(
+            stream=stream,
+            partition=0,
+            startPosition=api_pb2.EARLIEST,
+            stopPosition=api_pb2.STOP_LATEST,
+        ),
+        maxBytes=max_bytes,
+    )
+    clock = time.perf_counter
+    received = batches = 0
+    capped = False
+    gc.collect()
+    start = clock()
+    deadline = start + max_seconds
+    call = broker.api.SubscribeBatch(request, timeout=max_seconds + DRAIN_TIMEOUT_S)
+    try:
+        async with asyncio.timeout(max_seconds + DRAIN_TIMEOUT_S):
+            handshake = True
+            async for batch in call:
+                if handshake:
+                    if batch.recordCount or batch.records:
+                        raise BenchError("SubscribeBatch began without its handshake")
+                    handshake = False
+                    continue
+                records = decode_records(batch.records)
+                if not records or len(records) != batch.recordCount:
+                    raise BenchError(
+                        f"after offset {received - 1}: {len(records)} records decoded of "
+                        f"{batch.recordCount}"
+                    )
+                for record in records:
+                    if record.offset != received:
+                        raise BenchError(f"offset {record.offset} where {received} was due")
+                    received += 1
+                batches += 1
+                if clock() > deadline:
+                    capped = True
+                    break
+            code = grpc.StatusCode.CANCELLED if capped else await call.code()
+        seconds = clock() - start
+    finally:
+        call.cancel()
+    if not capped and (code is not grpc.StatusCode.OK or received != count):
+        raise BenchError(f"SubscribeBatch ended {code.name} after {received} of {count} records")
+    budget = f"{max_bytes // 1024} KiB" if max_bytes else "default (64 KiB)"
+    return case.result(
+        FLUX, f"decoding-subscribe-batch-{max_bytes // 1024 or 64}k", received, seconds,
+        notes=f"SubscribeBatch EARLIEST..STOP_LATEST, maxBytes {budget}, {batches} batches, "
+        "each decoded with decode_records, every offset checked",
+    )  # fmt: skip
+
+
+async def sdk_subscribe(
+    client: flux_client.Client,
+    case: Case,
+    stream: str,
+    count: int,
+    max_bytes: int,
+    *,
+    max_seconds: float,
+) -> Result:
+    """Row 7's SDK side: ``client.subscribe`` from EARLIEST to ``Stop.LATEST``, every message.
+
+    Each message's offset must follow the one before; the iteration must end after exactly
+    ``count`` messages. Reading stops early at the time cap (looked at every 4,096 messages).
+    """
+    clock = time.perf_counter
+    expected = 0
+    capped = False
+    gc.collect()
+    start = clock()
+    deadline = start + max_seconds
+    async with (
+        asyncio.timeout(max_seconds + DRAIN_TIMEOUT_S),
+        client.subscribe(
+            stream, 0, start=Start.EARLIEST, stop=Stop.LATEST, max_batch_bytes=max_bytes or None
+        ) as subscription,
+    ):
+        async for message in subscription:
+            if message.offset != expected:
+                raise BenchError(f"offset {message.offset} where {expected} was due")
+            expected += 1
+            if not expected & 0xFFF and clock() > deadline:
+                capped = True
+                break
+        seconds = clock() - start
+    if not capped and expected != count:
+        raise BenchError(f"the subscription ended after {expected} of {count} records")
+    budget = f"{max_bytes // 1024} KiB" if max_bytes else "default (64 KiB)"
+    return case.result(
+        SDK, f"subscribe-{max_bytes // 1024 or 64}k", expected, seconds,
+        notes=f"client.subscribe(stream, 0, start=Start.EARLIEST, stop=Stop.LATEST), "
+        f"max_batch_bytes {budget}, every offset checked",
+    )  # fmt: skip
+
+
 # -- the rows -----------------------------------------------------------------------------------
 
 
 Runner: TypeAlias = Callable[[FluxBroker, int, Plan], Awaitable[list[Result]]]
 
 
-async def _measure(results: list[Result], case: Case, variant: str, run: Awaitable[Result]) -> None:
-    await jb.measure(results, say, case, guarded(run), tool=FLUX, variant=variant)
+async def _measure(
+    results: list[Result], case: Case, variant: str, run: Awaitable[Result], *, tool: str = FLUX
+) -> None:
+    await jb.measure(results, say, case, guarded(run), tool=tool, variant=variant)
 
 
 async def row_acked(broker: FluxBroker, size: int, plan: Plan) -> list[Result]:
@@ -733,6 +1053,100 @@ async def row_consume(broker: FluxBroker, size: int, plan: Plan) -> list[Result]
     return results
 
 
+async def fill_stream(broker: FluxBroker, name: str, size: int, count: int, plan: Plan) -> None:
+    """Fill stream ``name`` with ``count`` records of ``size`` B through ``PublishBatch``.
+
+    Raises:
+        BenchError: The fill stopped at its time cap (4x the plan's) or failed.
+    """
+    say(f"    filling {name} with {count:,} records of {size} B (untimed)")
+    shape = BatchShape(max(1, FILL_BATCH_BYTES // record_bytes(size)), FILL_WINDOW)
+    fill = publish_batches(broker, name, size, count, shape, max_seconds=4 * plan.max_seconds)
+    try:
+        acked, _seconds = await fill
+    except (grpc.aio.AioRpcError, TimeoutError) as error:
+        raise BenchError(f"{type(error).__name__}: {error}") from error
+    if acked != count:
+        raise BenchError(f"the fill stopped at the time cap after {acked:,} records")
+
+
+async def connect_sdk(broker: FluxBroker) -> flux_client.Client:
+    """A ``flux_client`` client of the broker the other rows use (its gRPC address)."""
+    return await flux_client.connect(broker.process.address, connect_timeout_ms=10_000)
+
+
+async def row_sdk_publish(broker: FluxBroker, size: int, plan: Plan) -> list[Result]:
+    """Row 6: row 2's way, the raw call framing per batch, and ``send_batch``, in turn.
+
+    Row 2's way runs first with each batch shape of the plan; then the raw framing runs (same
+    shapes) and the SDK runs (the plan's ``send_batch`` calls) alternate, so that both see
+    about the same machine load. Every run uses the same pool of random values.
+    """
+    case = Case("sdk-publish", broker.policy, size)
+    results: list[Result] = []
+    cap = plan.max_seconds
+    for shape in plan.shapes[size]:
+        run = flux_publish_batched(broker, case, plan.batched, shape, max_seconds=cap)
+        await _measure(results, case, shape.variant, run)
+    values = values_pool(size)
+    try:
+        client = await connect_sdk(broker)
+    except FluxError as error:
+        say(f"    FAILED to connect flux_client: {error}")
+        return [*results, case.failed(SDK, "connect", error)]
+    async with client:
+        pairs = itertools.zip_longest(plan.shapes[size], plan.sdk_shapes[size])
+        for raw_shape, sdk_shape in pairs:
+            if raw_shape is not None:
+                run = flux_publish_framing(
+                    broker, case, values, plan.batched, raw_shape, max_seconds=cap
+                )
+                await _measure(results, case, f"framing-{raw_shape.variant}", run)
+            if sdk_shape is not None:
+                run = sdk_publish(
+                    client, broker, case, values, plan.batched, shape=sdk_shape, max_seconds=cap
+                )
+                await _measure(results, case, sdk_shape.variant, run, tool=SDK)
+    return results
+
+
+async def row_sdk_consume(broker: FluxBroker, size: int, plan: Plan) -> list[Result]:
+    """Row 7: one stream as large as row 3's, read by row 3's way, decoding, and the SDK.
+
+    For each ``maxBytes`` of row 3 (1 MiB, and the 64 KiB default, also the SDK's default)
+    the three readers run in turn: row 3's ``SubscribeBatch``, the same decoding every batch,
+    and ``client.subscribe`` with that ``max_batch_bytes``.
+    """
+    case = Case("sdk-consume", broker.policy, size)
+    count = plan.consume(size)
+    cap = plan.max_seconds
+    results: list[Result] = []
+    name, _subject = await broker.create_stream(f"sdk-consume-{size}")
+    try:
+        try:
+            await fill_stream(broker, name, size, count, plan)
+        except BenchError as error:
+            say(f"    FAILED to fill {name}: {error}")
+            return [case.failed(FLUX, "fill", error)]
+        try:
+            client = await connect_sdk(broker)
+        except FluxError as error:
+            say(f"    FAILED to connect flux_client: {error}")
+            return [case.failed(SDK, "connect", error)]
+        async with client:
+            for max_bytes in SUBSCRIBE_MAX_BYTES:
+                kib = max_bytes // 1024 or 64
+                run = flux_subscribe_batched(broker, case, name, count, max_bytes, max_seconds=cap)
+                await _measure(results, case, f"subscribe-batch-{kib}k", run)
+                run = flux_subscribe_decoding(broker, case, name, count, max_bytes, max_seconds=cap)
+                await _measure(results, case, f"decoding-subscribe-batch-{kib}k", run)
+                run = sdk_subscribe(client, case, name, count, max_bytes, max_seconds=cap)
+                await _measure(results, case, f"subscribe-{kib}k", run, tool=SDK)
+    finally:
+        await broker.delete_stream(name)
+    return results
+
+
 async def row_one_by_one(broker: FluxBroker, size: int, plan: Plan) -> list[Result]:
     """Row 4 for Flux: one envelope at a time over NATS."""
     case = Case("one-by-one", broker.policy, size)
@@ -748,6 +1162,8 @@ FLUX_ROWS: Final[dict[str, Runner]] = {
     "consume": row_consume,
     "one-by-one": row_one_by_one,
     "durable": row_durable,
+    "sdk-publish": row_sdk_publish,
+    "sdk-consume": row_sdk_consume,
 }
 
 
@@ -755,12 +1171,14 @@ async def warm_up(broker: FluxBroker, rows: Sequence[RowSpec], plan: Plan) -> No
     """A short untimed pass over each Flux path the rows use (code paths, connections)."""
     n, cap = plan.warmup, plan.max_seconds
     keys = {row.key for row in rows}
-    with contextlib.suppress(BenchError, grpc.aio.AioRpcError, TimeoutError, nats.errors.Error):
+    with contextlib.suppress(
+        BenchError, grpc.aio.AioRpcError, TimeoutError, nats.errors.Error, FluxError
+    ):
         if keys & {"acked", "one-by-one"}:
             case = Case("warmup", broker.policy, 128)
             await flux_nats_acked(broker, case, n, ACKED_WINDOW, max_seconds=cap)
             await flux_nats_one_by_one(broker, case, max(1, n // 10), max_seconds=cap)
-        if keys & {"batched", "consume", "durable"}:
+        if keys & {"batched", "consume", "durable", "sdk-publish", "sdk-consume"}:
             case = Case("warmup", broker.policy, 128)
             name, _subject = await broker.create_stream("warmup-batch")
             try:
@@ -768,6 +1186,25 @@ async def warm_up(broker: FluxBroker, rows: Sequence[RowSpec], plan: Plan) -> No
                 await flux_subscribe_batched(broker, case, name, 10 * n, 0, max_seconds=cap)
             finally:
                 await broker.delete_stream(name)
+        if keys & {"sdk-publish", "sdk-consume"}:
+            case = Case("warmup", broker.policy, 128)
+            values = values_pool(128)
+            async with await connect_sdk(broker) as client:
+                await flux_publish_framing(
+                    broker, case, values, 10 * n, BatchShape(n, 4), max_seconds=cap
+                )
+                await sdk_publish(
+                    client, broker, case, values, 10 * n, shape=SdkShape(n, 4), max_seconds=cap
+                )
+                name, _subject = await broker.create_stream("warmup-sdk")
+                try:
+                    await publish_batches(
+                        broker, name, 128, 10 * n, BatchShape(n, 4), max_seconds=cap
+                    )
+                    await flux_subscribe_decoding(broker, case, name, 10 * n, 0, max_seconds=cap)
+                    await sdk_subscribe(client, case, name, 10 * n, 0, max_seconds=cap)
+                finally:
+                    await broker.delete_stream(name)
 
 
 # -- a run --------------------------------------------------------------------------------------
@@ -811,12 +1248,15 @@ async def run_pass(
         await warm_up(broker, rows, plan)
         for row in rows:
             for size in sizes:
-                count = plan.jetstream.count(row.jetstream, size, durable=durable)
-                say(f"  {row.number}. {row.title}, {size} B: JetStream {row.jetstream}")
-                run.results += await jb.SCENARIO_FUNCTIONS[row.jetstream](
-                    js, bench, size, count, max_seconds=plan.max_seconds, log=say
+                if row.jetstream:  # the SDK rows' baseline is the raw call, measured by Flux's
+                    count = plan.jetstream.count(row.jetstream, size, durable=durable)
+                    say(f"  {row.number}. {row.title}, {size} B: JetStream {row.jetstream}")
+                    run.results += await jb.SCENARIO_FUNCTIONS[row.jetstream](
+                        js, bench, size, count, max_seconds=plan.max_seconds, log=say
+                    )
+                say(
+                    f"  {row.number}. {row.title}, {size} B: {'SDK and raw' if row.sdk else 'Flux'}"
                 )
-                say(f"  {row.number}. {row.title}, {size} B: Flux")
                 run.results += await FLUX_ROWS[row.key](broker, size, plan)
         for process, peak in broker.peak_rss_bytes().items():
             run.peak_rss_bytes[f"flux {process} (sync {policy})"] = peak
@@ -917,11 +1357,106 @@ def _best(results: Sequence[Result], *, latency: bool) -> Result | None:
     return max(ok, key=lambda r: r.records_per_s, default=None)
 
 
+def sdk_kind(result: Result) -> str:
+    """``sdk``, ``raw`` (the same client work as the SDK) or ``row`` (row 2's or 3's way)."""
+    if result.tool == SDK:
+        return "sdk"
+    if result.variant.startswith(("framing-", "decoding-")):
+        return "raw"
+    return "row"
+
+
+@dataclass(frozen=True, slots=True)
+class SdkLine:
+    """One line of the SDK table: row 6 or 7 at one size, the best figure of each reader/writer.
+
+    Attributes:
+        sdk: The best ``flux_client`` figure.
+        raw: The best raw-call figure doing the same client work (the baseline).
+        raw_row: The best figure of the raw call as row 2 or 3 drives it (for information).
+    """
+
+    row: RowSpec
+    size: int
+    sdk: Result | None
+    raw: Result | None
+    raw_row: Result | None
+
+    @staticmethod
+    def _ratio(top: Result | None, bottom: Result | None) -> float | None:
+        if top is None or bottom is None or not bottom.records_per_s:
+            return None
+        return top.records_per_s / bottom.records_per_s
+
+    @property
+    def ratio(self) -> float | None:
+        """SDK / raw doing the same work: the issue's criterion."""
+        return self._ratio(self.sdk, self.raw)
+
+    @property
+    def ratio_to_row(self) -> float | None:
+        """SDK / the raw call as row 2 or 3 drives it."""
+        return self._ratio(self.sdk, self.raw_row)
+
+    @property
+    def target(self) -> tuple[str, bool | None]:
+        """The issue's target (at every size) and whether it is met."""
+        target = self.row.target
+        if target is None:
+            return "", None
+        if self.sdk is None:
+            return target.text, False
+        return target.text, target.met(self.ratio, self.sdk.records_per_s, None)
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON form."""
+        target, met = self.target
+
+        def case(result: Result | None) -> str | None:
+            return result.case_id if result else None
+
+        def rate(result: Result | None) -> float | None:
+            return result.records_per_s if result else None
+
+        return {
+            "row": self.row.number,
+            "key": self.row.key,
+            "title": self.row.title,
+            "size": self.size,
+            "sdk": case(self.sdk),
+            "sdk_records_per_s": rate(self.sdk),
+            "baseline": case(self.raw),
+            "baseline_records_per_s": rate(self.raw),
+            "ratio": self.ratio,
+            "raw_row": case(self.raw_row),
+            "raw_row_records_per_s": rate(self.raw_row),
+            "ratio_to_raw_row": self.ratio_to_row,
+            "target": target or None,
+            "met": met,
+        }
+
+
+def sdk_lines(run: Run, args: argparse.Namespace) -> list[SdkLine]:
+    """The SDK table's lines: rows 6 and 7, if chosen, at each size."""
+    table = []
+    for row in ROWS:
+        if row.key not in args.only or not row.sdk:
+            continue
+        for size in args.size:
+            mine = [r for r in run.results if (r.scenario, r.size) == (row.key, size)]
+            best = {
+                kind: _best([r for r in mine if sdk_kind(r) == kind], latency=False)
+                for kind in ("sdk", "raw", "row")
+            }
+            table.append(SdkLine(row, size, best["sdk"], best["raw"], best["row"]))
+    return table
+
+
 def lines(run: Run, args: argparse.Namespace) -> list[Line]:
     """The table's lines: each chosen row at each size."""
     table = []
     for row in ROWS:
-        if row.key not in args.only:
+        if row.key not in args.only or row.sdk:
             continue
         js_sync = "always" if row.durable else "default"
         for size in args.size:
@@ -989,6 +1524,68 @@ def cells(line: Line) -> list[str]:
     ]
 
 
+SDK_COLUMNS: Final = (
+    "#", "row", "size", "flux_client", "SDK variant", "raw, same work", "raw variant", "ratio",
+    "target", "met", "raw, row 2/3 way", "SDK / row 2/3",
+)  # fmt: skip
+SDK_WIDTHS: Final = (-1, -21, 5, 12, -18, 12, -31, 6, -10, -3, 16, 13)
+
+
+def sdk_cells(line: SdkLine) -> list[str]:
+    """One line of the SDK table as text cells, in the order of :data:`SDK_COLUMNS`."""
+    target, met = line.target
+    ratio, to_row = line.ratio, line.ratio_to_row
+    return [
+        str(line.row.number),
+        line.row.title,
+        str(line.size),
+        _figure(line.sdk, latency=False),
+        line.sdk.variant if line.sdk else "",
+        _figure(line.raw, latency=False),
+        line.raw.variant if line.raw else "",
+        "" if ratio is None else f"{ratio:.2f}x",
+        target,
+        {True: "yes", False: "NO", None: ""}[met],
+        _figure(line.raw_row, latency=False),
+        "" if to_row is None else f"{to_row:.2f}x",
+    ]
+
+
+SDK_CAPTION: Final = (
+    "flux_client (SDK) vs the raw batched RPC doing the same client work: records/s; ratio = "
+    "SDK / raw (row 6: the raw call frames every batch from its values; row 7: it decodes every "
+    "batch); target: the SDK loses at most 20 %, at every size. Row 2/3 way: the raw call as "
+    "rows 2 and 3 drive it (batches framed once and resent; records not decoded), for "
+    "information."
+)
+
+
+def _text_table(
+    columns: Sequence[str], widths: Sequence[int], rows: Sequence[Sequence[str]]
+) -> list[str]:
+    """A text table: a header, a rule and ``rows``, each column padded to its width."""
+
+    def row(texts: Sequence[str]) -> str:
+        return " ".join(
+            f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
+            for text, width in zip(texts, widths, strict=True)
+        ).rstrip()
+
+    header = row(columns)
+    return [header, "-" * len(header), *(row(texts) for texts in rows)]
+
+
+def _markdown_table(
+    columns: Sequence[str], widths: Sequence[int], rows: Sequence[Sequence[str]]
+) -> list[str]:
+    """A Markdown table; numeric columns (positive widths) right-aligned."""
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if width > 0 else "---" for width in widths) + "|",
+        *("| " + " | ".join(texts) + " |" for texts in rows),
+    ]
+
+
 def caption(run: Run) -> str:
     """What the table shows, in one sentence."""
     return (
@@ -999,19 +1596,15 @@ def caption(run: Run) -> str:
     )
 
 
-def report(run: Run, table: Sequence[Line]) -> list[str]:
-    """The printed results: the table, the failures, the peak RSS."""
-
-    def row(texts: Sequence[str]) -> str:
-        return " ".join(
-            f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
-            for text, width in zip(texts, WIDTHS, strict=True)
-        ).rstrip()
-
-    header = row(COLUMNS)
-    out = ["", caption(run), header, "-" * len(header)]
-    out += [row(cells(line)) for line in table]
-    out.append("")
+def report(run: Run, table: Sequence[Line], sdk_table: Sequence[SdkLine] = ()) -> list[str]:
+    """The printed results: the table(s), the failures, the peak RSS."""
+    out = [""]
+    if table:
+        out += [caption(run), *_text_table(COLUMNS, WIDTHS, [cells(line) for line in table])]
+        out.append("")
+    if sdk_table:
+        rows = [sdk_cells(line) for line in sdk_table]
+        out += [SDK_CAPTION, *_text_table(SDK_COLUMNS, SDK_WIDTHS, rows), ""]
     for r in run.results:
         if r.error:
             out.append(f"FAILED {r.case_id}: {r.error.splitlines()[0][:160]}")
@@ -1020,20 +1613,25 @@ def report(run: Run, table: Sequence[Line]) -> list[str]:
     return out
 
 
-def markdown(run: Run, args: argparse.Namespace, table: Sequence[Line]) -> str:
-    """The table as Markdown, with the run's context and peak RSS (for the docs)."""
+def markdown(
+    run: Run, args: argparse.Namespace, table: Sequence[Line], sdk_table: Sequence[SdkLine] = ()
+) -> str:
+    """The table(s) as Markdown, with the run's context and peak RSS (for the docs)."""
     created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out = [
-        f"<!-- Written by broker/bench/{SCRIPT.name}; do not edit. -->",
-        "",
+    context = (
         f"{'Quick' if args.quick else 'Full'} run of {created} on {os.cpu_count()} CPUs "
-        f"({platform.system()}, Python {sys.version.split()[0]}), {run.seconds:.0f} s. "
-        + caption(run),
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---:" if width > 0 else "---" for width in WIDTHS) + "|",
-    ]
-    out += ["| " + " | ".join(cells(line)) + " |" for line in table]
+        f"({platform.system()}, Python {sys.version.split()[0]}), {run.seconds:.0f} s."
+    )
+    out = [f"<!-- Written by broker/bench/{SCRIPT.name}; do not edit. -->", ""]
+    if table:
+        out += [f"{context} {caption(run)}", ""]
+        out += _markdown_table(COLUMNS, WIDTHS, [cells(line) for line in table])
+        context = "The SDK rows, same run."
+    if sdk_table:
+        if table:
+            out.append("")
+        out += [f"{context} {SDK_CAPTION}", ""]
+        out += _markdown_table(SDK_COLUMNS, SDK_WIDTHS, [sdk_cells(line) for line in sdk_table])
     out += ["", "Peak RSS (VmHWM) of each server process:", ""]
     out += [f"- {name}: {_mib(peak)}" for name, peak in run.peak_rss_bytes.items()]
     failures = [r for r in run.results if r.error]
@@ -1047,9 +1645,19 @@ def markdown(run: Run, args: argparse.Namespace, table: Sequence[Line]) -> str:
 
 
 def write_json(
-    path: Path, args: argparse.Namespace, plan: Plan, run: Run, table: Sequence[Line]
+    path: Path,
+    args: argparse.Namespace,
+    plan: Plan,
+    run: Run,
+    table: Sequence[Line],
+    *,
+    sdk_table: Sequence[SdkLine] = (),
 ) -> None:
-    """Write the table, every measurement and the run's context as JSON."""
+    """Write the tables, every measurement and the run's context as JSON.
+
+    ``table`` holds rows 1-5 (Flux against JetStream), ``sdk_table`` rows 6 and 7 (the SDK
+    against the raw call doing the same work, whose figure is ``baseline``).
+    """
     document = {
         "benchmark": PROGRAM,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -1059,6 +1667,7 @@ def write_json(
             "cpus": os.cpu_count(),
             "grpcio": grpc.__version__,
             "nats_py": importlib.metadata.version("nats-py"),
+            "flux_client": flux_client.__version__,
             "nats_server": run.nats_server_version,
             "natscli": run.natscli_version,
         },
@@ -1076,6 +1685,10 @@ def write_json(
                     str(size): [shape.variant for shape in shapes]
                     for size, shapes in plan.shapes.items()
                 },
+                "sdk_shapes": {
+                    str(size): [shape.variant for shape in shapes]
+                    for size, shapes in plan.sdk_shapes.items()
+                },
             },
             "jetstream": {
                 "acked": plan.jetstream.acked,
@@ -1089,6 +1702,7 @@ def write_json(
         "peak_rss_bytes": run.peak_rss_bytes,
         "seconds": run.seconds,
         "table": [line.to_json() for line in table],
+        "sdk_table": [line.to_json() for line in sdk_table],
         "results": [r.to_json() for r in run.results],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1148,11 +1762,46 @@ def _draw_panel(axis: Axes, chosen: Sequence[Line], *, latency: bool) -> None:
     axis.margins(x=0.3 if latency else 0.15)
 
 
-def write_chart(path: Path, table: Sequence[Line], title: str) -> None:
-    """Draw the table as a PNG: records/s of the throughput rows, p50/p99 of the latency row.
+SDK_SERIES: Final = (("flux_client", "sdk", "#8250df"), ("raw, same work", "raw", "#1f6feb"),
+                     ("raw, row 2/3 way", "raw_row", "#8c959f"))  # fmt: skip
+
+
+def _draw_sdk_panel(axis: Axes, chosen: Sequence[SdkLine]) -> None:
+    """Bars of the SDK panel: per line the SDK, the raw baseline, row 2's or 3's way."""
+    for k, (name, attribute, color) in enumerate(SDK_SERIES):
+        results: list[Result | None] = [getattr(line, attribute) for line in chosen]
+        positions = [i + (k - 1) * BAR_HEIGHT for i in range(len(chosen))]
+        rates = [r.records_per_s if r else 0.0 for r in results]
+        axis.barh(positions, rates, BAR_HEIGHT, label=name, color=color)
+    for i, line in enumerate(chosen):
+        target = line.row.target
+        if line.sdk is not None and line.ratio is not None:
+            axis.annotate(
+                f" {line.ratio:.2f}x", (line.sdk.records_per_s, i - BAR_HEIGHT), va="center",
+                fontsize=8,
+            )  # fmt: skip
+        if line.raw is not None and target is not None:
+            axis.plot([line.raw.records_per_s * target.min_ratio], [i - BAR_HEIGHT], marker="|",
+                      markersize=14, markeredgewidth=2, color="#cf222e", linestyle="none",
+                      label="target (0.8x raw)" if i == 0 else None)  # fmt: skip
+    labels = [f"{line.row.number}. {line.row.title}, {line.size} B" for line in chosen]
+    axis.set_yticks(range(len(chosen)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("records/s", fontsize=9)
+    axis.grid(axis="x", alpha=0.3)
+    axis.margins(x=0.15)
+    axis.legend(loc="lower right", fontsize=8, frameon=False)
+
+
+def write_chart(
+    path: Path, table: Sequence[Line], title: str, sdk_table: Sequence[SdkLine] = ()
+) -> None:
+    """Draw the tables as a PNG: records/s of the throughput rows, p50/p99 of the latency row.
 
     Bars per line: Flux, ``nats bench`` and nats-py (their best variants); each Flux bar is
-    labelled with its ratio, and a red mark shows where the 128 B target puts Flux.
+    labelled with its ratio, and a red mark shows where the 128 B target puts Flux. The SDK
+    rows get a panel of their own below: the SDK, the raw same-work baseline (labelled with
+    the ratio, the red mark at 0.8x of it) and row 2's or 3's way.
     """
     import matplotlib  # noqa: PLC0415 -- only a run that writes the chart needs it
 
@@ -1167,19 +1816,27 @@ def write_chart(path: Path, table: Sequence[Line], title: str) -> None:
         )
         if chosen
     ]
-    if not panels:
+    if not panels and not sdk_table:
         return
-    tallest = max(len(chosen) for chosen, _latency in panels)
-    figure, axes = pyplot.subplots(
-        1, len(panels), figsize=(13, 1.6 + 0.8 * tallest), squeeze=False,
-        width_ratios=[2.2 if not latency else 1.0 for _chosen, latency in panels],
+    tallest = max((len(chosen) for chosen, _latency in panels), default=0)
+    top = 1.6 + 0.8 * tallest if panels else 0.0
+    bottom = 1.2 + 0.8 * len(sdk_table) if sdk_table else 0.0
+    figure = pyplot.figure(figsize=(13, top + bottom))
+    grid = figure.add_gridspec(
+        int(bool(panels)) + int(bool(sdk_table)), max(1, len(panels)),
+        height_ratios=[h for h in (top, bottom) if h],
+        width_ratios=[2.2 if not latency else 1.0 for _chosen, latency in panels] or [1.0],
     )  # fmt: skip
-    for axis, (chosen, latency) in zip(axes[0], panels, strict=True):
-        _draw_panel(axis, chosen, latency=latency)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="upper right", ncol=4, fontsize=8, frameon=False)
+    if panels:
+        axes = [figure.add_subplot(grid[0, k]) for k in range(len(panels))]
+        for axis, (chosen, latency) in zip(axes, panels, strict=True):
+            _draw_panel(axis, chosen, latency=latency)
+        handles, names = axes[0].get_legend_handles_labels()
+        figure.legend(handles, names, loc="upper right", ncol=4, fontsize=8, frameon=False)
+    if sdk_table:
+        _draw_sdk_panel(figure.add_subplot(grid[int(bool(panels)), :]), sdk_table)
     figure.suptitle(title, fontsize=10, x=0.01, ha="left")
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (top + bottom)))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
@@ -1193,7 +1850,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="data_path_bench.py",
         description="Flux's data paths (NATS ingest, PublishBatch, SubscribeBatch) against NATS "
-        "JetStream (nats bench and nats-py), both started and measured in the same run.",
+        "JetStream (nats bench and nats-py), both started and measured in the same run; and "
+        "the Python SDK (flux_client) against the raw batched RPCs doing the same work.",
     )
     parser.add_argument("--quick", action="store_true", help="small counts: about 40 s")
     parser.add_argument(
@@ -1241,11 +1899,14 @@ async def main(args: argparse.Namespace, natscli: Path | None) -> int:
         say(f"stopped by {stopped_by[0].name}; servers stopped, temporary files removed")
         return 128 + stopped_by[0]
     table = lines(run, args)
-    for line in report(run, table):
+    sdk_table = sdk_lines(run, args)
+    for line in report(run, table, sdk_table):
         say(line)
     json_path = args.out_dir / JSON_NAME
-    write_json(json_path, args, plan, run, table)
-    (args.out_dir / MARKDOWN_NAME).write_text(markdown(run, args, table), encoding="utf-8")
+    write_json(json_path, args, plan, run, table, sdk_table=sdk_table)
+    (args.out_dir / MARKDOWN_NAME).write_text(
+        markdown(run, args, table, sdk_table), encoding="utf-8"
+    )
     say(f"JSON and Markdown written to {json_path} and {MARKDOWN_NAME} beside it")
     if not args.no_chart:
         png_path = args.out_dir / PNG_NAME
@@ -1253,7 +1914,7 @@ async def main(args: argparse.Namespace, natscli: Path | None) -> int:
             f"Flux vs NATS JetStream {run.nats_server_version} (R1, file store), "
             f"{'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs"
         )
-        await asyncio.to_thread(write_chart, png_path, table, title)
+        await asyncio.to_thread(write_chart, png_path, table, title, sdk_table)
         say(f"chart written to {png_path}")
     say(f"total time {run.seconds:.0f} s")
     return 0
