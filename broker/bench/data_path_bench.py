@@ -672,15 +672,55 @@ async def flux_publish_batched(
     )  # fmt: skip
 
 
+def _counted(batch: api_pb2.RecordBatch, received: int, each: int) -> int:
+    """Row 3's check of a batch: offsets and sizes from its fields and its two end headers."""
+    n, data = batch.recordCount, batch.records
+    last = received + n - 1
+    if (
+        n <= 0
+        or (batch.firstOffset, batch.lastOffset) != (received, last)
+        or len(data) != n * each
+        or HEADER.unpack_from(data, 0)[0] != received
+        or HEADER.unpack_from(data, len(data) - each)[0] != last
+    ):
+        raise BenchError(
+            f"after offset {received - 1}: a batch of {n} records, offsets "
+            f"{batch.firstOffset}-{batch.lastOffset}, {len(data)} B"
+        )
+    return n
+
+
+def _decoded(batch: api_pb2.RecordBatch, received: int) -> int:
+    """Row 7's raw check: every record decoded (as the SDK does) and its offset checked."""
+    records = decode_records(batch.records)
+    if not records or len(records) != batch.recordCount:
+        raise BenchError(
+            f"after offset {received - 1}: {len(records)} records decoded of {batch.recordCount}"
+        )
+    for record in records:
+        if record.offset != received:
+            raise BenchError(f"offset {record.offset} where {received} was due")
+        received += 1
+    return len(records)
+
+
 async def flux_subscribe_batched(
-    broker: FluxBroker, case: Case, stream: str, count: int, max_bytes: int, *, max_seconds: float
+    broker: FluxBroker,
+    case: Case,
+    stream: str,
+    count: int,
+    max_bytes: int,
+    *,
+    max_seconds: float,
+    decode: bool = False,
 ) -> Result:
     """Read ``stream`` (``count`` records) with ``SubscribeBatch`` from EARLIEST to STOP_LATEST.
 
-    The first batch must be the empty handshake; each further one must start at the offset
-    after the previous one's last, hold ``recordCount`` records of :func:`record_bytes` each
-    (their first and last headers carrying ``firstOffset`` and ``lastOffset``), and the call
-    must end OK after exactly ``count`` records. Reading stops early at the time cap.
+    The first batch must be the empty handshake; each further one must continue the offsets
+    of the one before, and the call must end OK after exactly ``count`` records. Row 3 checks a
+    batch by its fields and end headers (``recordCount`` records of :func:`record_bytes` each);
+    with ``decode`` -- row 7's raw baseline -- every record is decoded with ``decode_records``
+    and its offset checked, as the SDK does. Reading stops early at the time cap.
     """
     each = record_bytes(case.size)
     request = api_pb2.SubscribeBatchRequest(
@@ -703,25 +743,12 @@ async def flux_subscribe_batched(
         async with asyncio.timeout(max_seconds + DRAIN_TIMEOUT_S):
             handshake = True
             async for batch in call:
-                n, data = batch.recordCount, batch.records
                 if handshake:
-                    if n or data:
-                        raise BenchError(f"SubscribeBatch began with {n} records, no handshake")
+                    if batch.recordCount or batch.records:
+                        raise BenchError("SubscribeBatch began without its handshake")
                     handshake = False
                     continue
-                last = received + n - 1
-                if (
-                    n <= 0
-                    or (batch.firstOffset, batch.lastOffset) != (received, last)
-                    or len(data) != n * each
-                    or HEADER.unpack_from(data, 0)[0] != received
-                    or HEADER.unpack_from(data, len(data) - each)[0] != last
-                ):
-                    raise BenchError(
-                        f"after offset {received - 1}: a batch of {n} records, offsets "
-                        f"{batch.firstOffset}-{batch.lastOffset}, {len(data)} B"
-                    )
-                received += n
+                received += _decoded(batch, received) if decode else _counted(batch, received, each)
                 batches += 1
                 if clock() > deadline:
                     capped = True
@@ -733,10 +760,12 @@ async def flux_subscribe_batched(
     if not capped and (code is not grpc.StatusCode.OK or received != count):
         raise BenchError(f"SubscribeBatch ended {code.name} after {received} of {count} records")
     budget = f"{max_bytes // 1024} KiB" if max_bytes else "default (64 KiB)"
-    return case.result(
-        FLUX, f"subscribe-batch-{max_bytes // 1024 or 64}k", received, seconds,
-        notes=f"SubscribeBatch EARLIEST..STOP_LATEST, maxBytes {budget}, {batches} batches",
-    )  # fmt: skip
+    variant = f"subscribe-batch-{max_bytes // 1024 or 64}k"
+    notes = f"SubscribeBatch EARLIEST..STOP_LATEST, maxBytes {budget}, {batches} batches"
+    if decode:
+        variant = f"decoding-{variant}"
+        notes += ", each decoded with decode_records, every offset checked"
+    return case.result(FLUX, variant, received, seconds, notes=notes)
 
 
 # -- the SDK against the raw calls (rows 6 and 7) -----------------------------------------------
@@ -877,68 +906,6 @@ async def sdk_publish(
         notes=f"Producer.send_batch, {shape.tasks} task(s) each sending {shape.records} values "
         f"a call, partition 0, default producer (idempotent, ack LEADER, "
         f"{stats.batches_sent} batches)",
-    )  # fmt: skip
-
-
-async def flux_subscribe_decoding(
-    broker: FluxBroker, case: Case, stream: str, count: int, max_bytes: int, *, max_seconds: float
-) -> Result:
-    """Row 7's raw baseline: :func:`flux_subscribe_batched`, decoding every batch.
-
-    Each batch's records are decoded with ``decode_records`` (as the SDK does) and each record's
-    offset checked, one record at a time (as row 7's SDK side checks each message's); the call
-    must end OK after exactly ``count`` records. Reading stops early at the time cap.
-    """
-    request = api_pb2.SubscribeBatchRequest(
-        subscribe=api_pb2.SubscribeRequest(
-            stream=stream,
-            partition=0,
-            startPosition=api_pb2.EARLIEST,
-            stopPosition=api_pb2.STOP_LATEST,
-        ),
-        maxBytes=max_bytes,
-    )
-    clock = time.perf_counter
-    received = batches = 0
-    capped = False
-    gc.collect()
-    start = clock()
-    deadline = start + max_seconds
-    call = broker.api.SubscribeBatch(request, timeout=max_seconds + DRAIN_TIMEOUT_S)
-    try:
-        async with asyncio.timeout(max_seconds + DRAIN_TIMEOUT_S):
-            handshake = True
-            async for batch in call:
-                if handshake:
-                    if batch.recordCount or batch.records:
-                        raise BenchError("SubscribeBatch began without its handshake")
-                    handshake = False
-                    continue
-                records = decode_records(batch.records)
-                if not records or len(records) != batch.recordCount:
-                    raise BenchError(
-                        f"after offset {received - 1}: {len(records)} records decoded of "
-                        f"{batch.recordCount}"
-                    )
-                for record in records:
-                    if record.offset != received:
-                        raise BenchError(f"offset {record.offset} where {received} was due")
-                    received += 1
-                batches += 1
-                if clock() > deadline:
-                    capped = True
-                    break
-            code = grpc.StatusCode.CANCELLED if capped else await call.code()
-        seconds = clock() - start
-    finally:
-        call.cancel()
-    if not capped and (code is not grpc.StatusCode.OK or received != count):
-        raise BenchError(f"SubscribeBatch ended {code.name} after {received} of {count} records")
-    budget = f"{max_bytes // 1024} KiB" if max_bytes else "default (64 KiB)"
-    return case.result(
-        FLUX, f"decoding-subscribe-batch-{max_bytes // 1024 or 64}k", received, seconds,
-        notes=f"SubscribeBatch EARLIEST..STOP_LATEST, maxBytes {budget}, {batches} batches, "
-        "each decoded with decode_records, every offset checked",
     )  # fmt: skip
 
 
@@ -1138,7 +1105,9 @@ async def row_sdk_consume(broker: FluxBroker, size: int, plan: Plan) -> list[Res
                 kib = max_bytes // 1024 or 64
                 run = flux_subscribe_batched(broker, case, name, count, max_bytes, max_seconds=cap)
                 await _measure(results, case, f"subscribe-batch-{kib}k", run)
-                run = flux_subscribe_decoding(broker, case, name, count, max_bytes, max_seconds=cap)
+                run = flux_subscribe_batched(
+                    broker, case, name, count, max_bytes, max_seconds=cap, decode=True
+                )
                 await _measure(results, case, f"decoding-subscribe-batch-{kib}k", run)
                 run = sdk_subscribe(client, case, name, count, max_bytes, max_seconds=cap)
                 await _measure(results, case, f"subscribe-{kib}k", run, tool=SDK)
@@ -1201,7 +1170,9 @@ async def warm_up(broker: FluxBroker, rows: Sequence[RowSpec], plan: Plan) -> No
                     await publish_batches(
                         broker, name, 128, 10 * n, BatchShape(n, 4), max_seconds=cap
                     )
-                    await flux_subscribe_decoding(broker, case, name, 10 * n, 0, max_seconds=cap)
+                    await flux_subscribe_batched(
+                        broker, case, name, 10 * n, 0, max_seconds=cap, decode=True
+                    )
                     await sdk_subscribe(client, case, name, 10 * n, 0, max_seconds=cap)
                 finally:
                     await broker.delete_stream(name)

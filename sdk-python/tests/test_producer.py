@@ -480,3 +480,21 @@ async def test_no_public_call_blocks_the_event_loop(client: flux_client.Client) 
         logging.getLogger("asyncio").removeHandler(handler)
     assert count == 20_200
     assert not slow, slow[:3]
+
+
+async def test_bad_arguments_are_refused_before_anything_is_sent(
+    client: flux_client.Client, proxied: Proxied
+) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        await flux_client.connect("no-port")
+    with pytest.raises(ValueError, match="keepalive_ms"):
+        await flux_client.connect(proxied.proxy.address, keepalive_ms=100)
+    with pytest.raises(TypeError, match="retention_max_bites"):
+        await client.create_stream("typo", retention_max_bites=5)
+    with pytest.raises(TypeError, match="must be bool"):
+        await client.create_stream("typo", compact_enabled=1)
+    assert "typo" not in (await client.fetch_metadata()).streams
+    with pytest.raises(ValueError, match="max_batch_bytes"):
+        client.producer(max_batch_bytes=2 << 20, max_buffer_bytes=1 << 20)
+    with pytest.raises(ValueError, match="cursor_id"):
+        flux_client.Start.cursor("")

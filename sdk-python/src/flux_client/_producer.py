@@ -612,8 +612,7 @@ class Producer:
             if queue.needs_new_producer_id and not queue.in_flight:
                 producer_id = await self._new_producer_id(queue)
                 if producer_id:
-                    queue.use_producer_id(producer_id)
-            queue.resync()
+                    queue.use_producer_id(producer_id)  # resyncs under the new id
             while queue.ready(time.monotonic(), self._linger_s, flushing):
                 connection = await self._connection_for(queue)
                 if connection is None:
