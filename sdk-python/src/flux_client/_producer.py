@@ -69,6 +69,8 @@ DEFAULT_MAX_BUFFER_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_MAX_BLOCK_MS: Final = 10_000
 #: How long a send may take in total, retries included, before it fails with AckTimeoutError.
 DEFAULT_DELIVERY_TIMEOUT_MS: Final = 30_000
+#: Records ``send_batch`` frames between yields to the event loop (a few milliseconds).
+_ENCODE_SLICE_RECORDS: Final = 2048
 #: Wake-up interval of the sender when nothing else is due (expiry checks).
 _IDLE_WAKE_S: Final = 1.0
 #: Bound on a leader lookup or producer-id request by the sender, which must stay responsive
@@ -450,7 +452,7 @@ class Producer:
         self._check_open()
         if not records:
             return []
-        framed = self._encode_all(records)
+        framed = await self._encode_all(records)
         if partition is not None:
             runs = await self._send_runs(stream, partition, framed)
             return _Concatenated([run for _, run in runs])
@@ -473,18 +475,27 @@ class Producer:
                 results[index] = meta
         return cast(list[RecordMetadata], results)
 
-    def _encode_all(self, records: Sequence[Record | bytes | None]) -> list[bytes]:
-        try:
-            framed = [
-                encode_record(
-                    item.value, item.key, list(item.headers.items()) if item.headers else ()
-                )
-                if isinstance(item, Record)
-                else encode_record(item, None, ())
-                for item in records
-            ]
-        except (ValueError, TypeError) as error:
-            raise InvalidArgumentError(f"records refused before sending: {error}") from error
+    async def _encode_all(self, records: Sequence[Record | bytes | None]) -> list[bytes]:
+        """Frame every record, yielding to the event loop between slices of them.
+
+        A call of many records would otherwise hold the loop for its whole framing (tens of
+        milliseconds), and acks and writes of other calls would wait.
+        """
+        framed: list[bytes] = []
+        for start in range(0, len(records), _ENCODE_SLICE_RECORDS):
+            if start:
+                await asyncio.sleep(0)
+            try:
+                framed += [
+                    encode_record(
+                        item.value, item.key, list(item.headers.items()) if item.headers else ()
+                    )
+                    if isinstance(item, Record)
+                    else encode_record(item, None, ())
+                    for item in records[start : start + _ENCODE_SLICE_RECORDS]
+                ]
+            except (ValueError, TypeError) as error:
+                raise InvalidArgumentError(f"records refused before sending: {error}") from error
         largest = max(map(len, framed))
         if largest > self._max_buffer_bytes:
             raise MessageTooLargeError(
