@@ -139,10 +139,10 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The commit-log, broker-API and data-path benchmarks with their baselines (``-- --quick``).
+    """The commit-log, broker-API, data-path and consumer-group benchmarks (``-- --quick``).
 
-    Arguments after -- go to log_bench.py; api_bench.py and data_path_bench.py (Flux against
-    NATS JetStream) get only ``--quick`` from them.
+    Arguments after -- go to log_bench.py; api_bench.py, data_path_bench.py (Flux against NATS
+    JetStream) and groups_bench.py (push against Liftbridge-style polling) get only ``--quick``.
     """
     install(session, "bench")
     quick = ["--quick"] if "--quick" in session.posargs else []
@@ -150,6 +150,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(bench_dir / "log_bench.py"), *session.posargs)
     session.run("python", str(bench_dir / "api_bench.py"), *quick)
     session.run("python", str(bench_dir / "data_path_bench.py"), *quick)
+    session.run("python", str(bench_dir / "groups_bench.py"), *quick)
 
 
 @nox.session

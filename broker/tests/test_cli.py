@@ -23,6 +23,8 @@ FLAGS = (
     "--embedded-nats",
     "--embedded-nats-port",
     "--level",
+    "--log-format",
+    "--metrics-port",
     "--ready-file",
     "--version",
 )
@@ -49,6 +51,8 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
             "--embedded-nats and --nats-servers cannot be combined",
         ),
         (["--level", "loud"], "invalid choice: 'loud'"),
+        (["--log-format", "xml"], "invalid choice: 'xml'"),
+        (["--metrics-port", "70000"], "--metrics-port must be between -1 and 65535"),
     ],
 )
 def test_usage_errors_exit_2_with_a_clear_message(

@@ -12,11 +12,13 @@ describe("generated proto.API", () => {
     assert.equal(API.method.subscribe.methodKind, "server_streaming");
     assert.equal(API.method.publishAsync.methodKind, "bidi_streaming");
     assert.equal(API.method.publish.methodKind, "unary");
-    // Liftbridge's 16 RPCs plus Flux's batched data path.
+    // Liftbridge's 16 RPCs plus Flux's batched data path and consumer-group extensions.
     assert.equal(API.method.initProducer.methodKind, "unary");
     assert.equal(API.method.publishBatch.methodKind, "bidi_streaming");
     assert.equal(API.method.subscribeBatch.methodKind, "server_streaming");
-    assert.equal(Object.keys(API.method).length, 19);
+    assert.equal(API.method.watchConsumerGroupAssignments.methodKind, "server_streaming");
+    assert.equal(API.method.describeConsumerGroup.methodKind, "unary");
+    assert.equal(Object.keys(API.method).length, 23);
   });
 
   it("keeps int64 as bigint, so offsets above 2^53 survive", () => {

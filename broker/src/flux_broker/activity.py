@@ -78,6 +78,8 @@ _OPS: Final = {
     ActivityOp.PAUSE_STREAM: api_pb2.PAUSE_STREAM,
     ActivityOp.RESUME_STREAM: api_pb2.RESUME_STREAM,
     ActivityOp.SET_STREAM_READONLY: api_pb2.SET_STREAM_READONLY,
+    ActivityOp.JOIN_CONSUMER_GROUP: api_pb2.JOIN_CONSUMER_GROUP,
+    ActivityOp.LEAVE_CONSUMER_GROUP: api_pb2.LEAVE_CONSUMER_GROUP,
 }
 
 
@@ -102,6 +104,14 @@ def encode_event(event: ActivityEvent) -> bytes:
             message.setStreamReadonlyOp.stream = event.stream
             message.setStreamReadonlyOp.partitions.extend(partitions)
             message.setStreamReadonlyOp.readonly = event.readonly
+        case ActivityOp.JOIN_CONSUMER_GROUP:
+            message.joinConsumerGroupOp.groupId = event.group
+            message.joinConsumerGroupOp.consumerId = event.consumer
+            message.joinConsumerGroupOp.streams.extend(event.streams)
+        case ActivityOp.LEAVE_CONSUMER_GROUP:
+            message.leaveConsumerGroupOp.groupId = event.group
+            message.leaveConsumerGroupOp.consumerId = event.consumer
+            message.leaveConsumerGroupOp.expired = event.expired
     return message.SerializeToString()
 
 

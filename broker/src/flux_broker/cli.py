@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.handlers
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from flux_broker import __version__
+from flux_broker import __version__, logs
 from flux_broker.config import ConfigError, load_config
 from flux_broker.nats.embedded import DEFAULT_PORT as EMBEDDED_NATS_DEFAULT_PORT
 from flux_broker.server import BrokerSettings, serve
@@ -34,7 +35,8 @@ _LEVELS: Final = {
     "warn": logging.WARNING,
     "error": logging.ERROR,
 }
-_LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: Log records kept while the configuration (which chooses their format) is loaded.
+_EARLY_RECORDS_MAX: Final = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (logging.level; default: info)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=[f.value for f in logs.LogFormat],
+        help="log line format (logging.format; default: text): text for people, json for one "
+        "JSON object per line (time, level, component, stream, partition, message)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) over "
+        "HTTP on this port of the listen host (metrics.port; default: -1 = off; 0 = any free "
+        "port, reported in --ready-file and the log)",
+    )
+    parser.add_argument(
         "--ready-file",
         type=Path,
         metavar="FILE",
@@ -141,6 +157,8 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         "nats.servers": args.nats_servers,
         "nats.embedded": True if args.embedded_nats else None,
         "logging.level": args.level,
+        "logging.format": args.log_format,
+        "metrics.port": args.metrics_port,
     }
     return {key: value for key, value in by_key.items() if value is not None}
 
@@ -157,13 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"--embedded-nats-port must be between 0 and {_PORT_MAX}, got {args.embedded_nats_port}"
         )
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
+    if args.metrics_port is not None and not -1 <= args.metrics_port <= _PORT_MAX:
+        parser.error(f"--metrics-port must be between -1 and {_PORT_MAX}, got {args.metrics_port}")
+    # What loading the configuration logs waits for the format the configuration chooses.
+    early = logging.handlers.BufferingHandler(_EARLY_RECORDS_MAX)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(early)
+    root.setLevel(logging.INFO)
     try:
         config = load_config(args.config, flags=_flags(args))
     except ConfigError as error:
+        root.removeHandler(early)
+        root.setLevel(level)
+        _replay(early, logging.StreamHandler(sys.stderr))
         sys.stderr.write(f"flux-broker: configuration error: {error}\n")
         return 1
-    logging.getLogger().setLevel(_LEVELS[config.string("logging.level")])
+    root.removeHandler(early)
+    handler = logs.configure(
+        logs.LogFormat(config.string("logging.format")),
+        _LEVELS[config.string("logging.level")],
+    )
+    _replay(early, handler)
     data_dir = Path(config.string("data.dir") or DEFAULT_DATA_DIR).resolve()
     embedded = (
         args.embedded_nats or config.boolean("nats.embedded") or not config.strings("nats.servers")
@@ -176,3 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready_file=None if args.ready_file is None else args.ready_file.resolve(),
     )
     return asyncio.run(serve(settings))
+
+
+def _replay(early: logging.handlers.BufferingHandler, handler: logging.Handler) -> None:
+    """Hand the records ``early`` kept to ``handler`` (if their level passes)."""
+    level = logging.getLogger().level
+    if not isinstance(handler.formatter, logging.Formatter):
+        handler.setFormatter(logs.formatter(logs.LogFormat.TEXT))
+    for record in early.buffer:
+        if record.levelno >= level:
+            handler.handle(record)
+    early.close()

@@ -98,6 +98,9 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("port", N, 9292),
         _k("data.dir", S, ""),
         _k("logging.level", S, "info", choices=("debug", "info", "warn", "error")),
+        _k("logging.format", S, "text", choices=("text", "json")),  # Flux's own
+        # Flux's own: HTTP port of /metrics, /healthz, /readyz (-1 = off, 0 = any free port).
+        _k("metrics.port", N, -1),
         _k("logging.recovery", B, False, IGNORED),
         _k("logging.raft", B, False, IGNORED),
         _k("logging.nats", B, False, IGNORED),
@@ -142,6 +145,15 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("streams.batch.max.bytes", N, 8 * MIB),
         _k("streams.compact.tombstone.retention", D, 24 * 3600.0),
         _k("streams.compact.max.keys", N, 1_000_000),
+        # Limits: Flux's own (flux_broker.api.limits says why each default is what it is).
+        _k("limits.streams.max.count", N, 10_000),
+        _k("limits.stream.partitions.max.count", N, 1024),
+        _k("limits.message.headers.max.count", N, 1024),
+        _k("limits.message.headers.max.bytes", N, 64 * 1024),
+        _k("limits.connection.subscriptions.max.count", N, 1000),
+        _k("limits.grpc.receive.max.bytes", N, 16 * MIB),
+        # Subscriptions: Flux's own (flux_broker.api.slow_consumer says why 30s).
+        _k("subscriptions.slow.consumer.timeout", D, 30.0),
         # Clustering.
         _k("clustering.server.id", S, ""),
         _k("clustering.namespace", S, "liftbridge-default"),
@@ -157,7 +169,7 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("clustering.replica.fetch.timeout", D, 3.0, IGNORED),
         _k("clustering.min.insync.replicas", N, 1, IGNORED),
         _k("clustering.replication.max.bytes", N, 1 * MIB),
-        # Activity stream, cursors, consumer groups (the groups' issue makes them SUPPORTED).
+        # Activity stream, cursors, consumer groups.
         _k("activity.stream.enabled", B, False),
         _k("activity.stream.publish.timeout", D, 5.0),
         # Every policy means "in the leader's log" on a cluster of one (flux_broker.activity).
@@ -165,8 +177,10 @@ KEYS: Final[dict[str, ConfigKey]] = {
         _k("cursors.stream.partitions", N, 1),  # Liftbridge: 0; see DESIGN.md §4.5
         _k("cursors.stream.replication.factor", N, -1),
         _k("cursors.stream.auto.pause.time", D, 60.0, IGNORED),
-        _k("groups.consumer.timeout", D, 15.0, IGNORED),
-        _k("groups.coordinator.timeout", D, 15.0, IGNORED),
+        _k("groups.consumer.timeout", D, 15.0),
+        _k("groups.coordinator.timeout", D, 15.0),
+        # Flux: how long a member has to confirm a revocation (revoke-before-assign).
+        _k("groups.revoke.timeout", D, 15.0),
     )
 }
 

@@ -64,8 +64,14 @@ class DataDirLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            # The pid is only a hint for a second broker's message: a full disk must not stop
+            # the owner from starting (it can still serve reads); the other one then names
+            # "another process".
+            pass
         return cls(fd, path)
 
     def release(self) -> None:

@@ -44,12 +44,18 @@ from nats.nuid import NUID
 from flux_broker import __version__
 from flux_broker.activity import ActivityPublisher, ensure_activity_stream
 from flux_broker.api.context import BrokerContext
+from flux_broker.api.decoding import UndecodableRequests
+from flux_broker.api.limits import Limits, LimitSettings
 from flux_broker.api.service import ApiService
+from flux_broker.api.slow_consumer import SlowConsumers
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.config import Config
 from flux_broker.cursors import CursorStore, ensure_cursors_stream
 from flux_broker.data_dir import DataDirInUseError, DataDirLock
+from flux_broker.groups.coordinator import GroupCoordinator, GroupTimeouts
+from flux_broker.health import HealthServer
 from flux_broker.metadata import SqliteMetadataStore
+from flux_broker.metrics import BrokerMetrics
 from flux_broker.nats.acks import AckRouter
 from flux_broker.nats.connection import harden
 from flux_broker.nats.embedded import EmbeddedNats, EmbeddedNatsError
@@ -67,7 +73,7 @@ __all__ = [
     "serve",
 ]
 
-_logger = logging.getLogger("flux_broker")
+_logger = logging.getLogger(__name__)
 
 #: File in the data directory holding a generated broker id.
 BROKER_ID_FILE: Final = "broker-id"
@@ -75,12 +81,12 @@ BROKER_ID_FILE: Final = "broker-id"
 METADATA_FILE: Final = "metadata.db"
 #: How long in-flight RPCs (a Publish waiting for its ack) may take once shutdown begins.
 SHUTDOWN_GRACE_S: Final = 5.0
-#: gRPC messages the broker accepts at least; more when records may be larger.
-GRPC_RECEIVE_MIN_BYTES: Final = 4 * 1024 * 1024
-#: Room for a request's other fields beside its largest record.
-_GRPC_ENVELOPE_BYTES: Final = 64 * 1024
 #: Shortest interval between keepalive pings a client may send (on idle connections too).
 CLIENT_PING_MIN_INTERVAL_MS: Final = 1_000
+#: How often the broker pings each client connection, and how long it waits for the answer.
+SERVER_PING_INTERVAL_MS: Final = 10_000
+SERVER_PING_TIMEOUT_MS: Final = 5_000
+_PORT_MAX: Final = 65535
 #: Bound on connecting to NATS at start-up.
 NATS_CONNECT_TIMEOUT_S: Final = 10.0
 _API_SERVICE: Final = api_pb2.DESCRIPTOR.services_by_name["API"].full_name
@@ -126,7 +132,12 @@ class Broker:
         self._health = health.aio.HealthServicer()
         self._api: ApiService | None = None
         self._cursors: CursorStore | None = None
+        self._groups: GroupCoordinator | None = None
         self._activity: ActivityPublisher | None = None
+        #: This broker's metrics (scraped through the HTTP endpoint, if enabled).
+        self.metrics = BrokerMetrics()
+        self._http: HealthServer | None = None
+        self._serving = False  # start-up finished
         self.broker_id = ""
         self.grpc_address = ""
         self.nats_url = ""
@@ -159,7 +170,9 @@ class Broker:
         except OSError as error:
             raise StartupError(f"cannot use the data directory {data_dir}: {error}") from None
         self.broker_id = _broker_id(data_dir, self._config.string("clustering.server.id"))
+        await self._start_http()
         await self._start_nats()
+        self.metrics.watch(nc=self._nc)
         try:
             self._store = await SqliteMetadataStore.open(
                 data_dir / METADATA_FILE,
@@ -183,7 +196,9 @@ class Broker:
             auto_pause_disable_if_subscribers=self._config.boolean(
                 "streams.auto.pause.disable.if.subscribers"
             ),
+            metrics=self.metrics,
         )
+        self.metrics.watch(streams=self._streams.streams)
         recovered = await self._streams.recover()
         _logger.info(
             "recovered %d partition(s) of %d stream(s)",
@@ -192,10 +207,70 @@ class Broker:
         )
         self._cursors = await self._open_cursors()
         await self._start_activity()
+        await self._start_groups()
         await self._start_grpc()
         for service in ("", _API_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         self._write_ready_file()
+
+    async def _start_http(self) -> None:
+        """Serve /metrics, /healthz and /readyz if ``metrics.port`` asks for it."""
+        port = self._config.integer("metrics.port")
+        if port < 0:
+            return
+        if port > _PORT_MAX:
+            raise StartupError(f"metrics.port must be between -1 and {_PORT_MAX}, got {port}")
+        listen = self._config.string("listen")
+        host = listen.rsplit(":", 1)[0] if listen else self._config.string("host")
+        self.metrics.watch(readiness=self.readiness)
+        http = HealthServer(self.metrics, self.readiness)
+        try:
+            await http.start(host, port)
+        except OSError as error:
+            raise StartupError(
+                f"cannot serve metrics on {host}:{port} (--metrics-port): {error}"
+            ) from None
+        self._http = http
+        _logger.info(
+            "metrics at http://%s/metrics, health checks at /healthz and /readyz", http.address
+        )
+
+    def readiness(self) -> str | None:
+        """Why the broker is not ready to serve (``/readyz``), or ``None`` when it is."""
+        if self._stopped.is_set():
+            return "shutting down"
+        if not self._serving:
+            return "starting (recovering streams)"
+        if self._nc is None or not self._nc.is_connected:
+            return "NATS is disconnected"
+        return None
+
+    async def _start_groups(self) -> None:
+        """Load the consumer groups and start their coordinator (a cluster of one leads all)."""
+        assert self._streams is not None
+        assert self._store is not None
+        streams = self._streams
+        try:
+            timeouts = GroupTimeouts(
+                consumer_s=self._config.seconds("groups.consumer.timeout"),
+                coordinator_s=self._config.seconds("groups.coordinator.timeout"),
+                revoke_s=self._config.seconds("groups.revoke.timeout"),
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        self._groups = GroupCoordinator(
+            broker_id=self.broker_id,
+            store=self._store,
+            partition_counts=lambda: {
+                live.metadata.name: len(live.partitions) for live in streams.streams()
+            },
+            notify_applied=streams.notify_applied,
+            timeouts=timeouts,
+        )
+        await self._groups.load()
+        streams.on_applied(self._groups.on_applied)
+        self._groups.start()
 
     async def _open_cursors(self) -> CursorStore:
         """Create ``__cursors`` if configured and missing, and load every cursor from it."""
@@ -316,15 +391,16 @@ class Broker:
         host = config.string("host")
         port = config.integer("port")
         listen = config.string("listen") or f"{host}:{port}"
-        # The largest request: a Liftbridge message, or a PublishBatch of a whole batch.
-        receive_bytes = max(
-            GRPC_RECEIVE_MIN_BYTES,
-            config.integer("clustering.replication.max.bytes") + _GRPC_ENVELOPE_BYTES,
-            config.integer("streams.batch.max.bytes") + _GRPC_ENVELOPE_BYTES,
-        )
+        try:
+            limits = LimitSettings.from_config(config)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
         server = grpc.aio.server(
+            # Requests that are not their method's message: INVALID_ARGUMENT, no traceback.
+            interceptors=[UndecodableRequests()],
             options=[
-                ("grpc.max_receive_message_length", receive_bytes),
+                # Larger requests get RESOURCE_EXHAUSTED from gRPC before any handler runs.
+                ("grpc.max_receive_message_length", limits.grpc_receive_max_bytes),
                 ("grpc.so_reuseport", 0),
                 # Clients ping to notice dead connections (flux_client: every 10 s by default,
                 # idle or not). gRPC's server default answers pings more often than every
@@ -333,7 +409,12 @@ class Broker:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
                 ("grpc.http2.max_ping_strikes", 0),
-            ]
+                # The broker pings its clients too, so a connection that went silent (a
+                # consumer whose host vanished) ends: an open WatchConsumerGroupAssignments is
+                # a member's heartbeat only while its connection answers.
+                ("grpc.keepalive_time_ms", SERVER_PING_INTERVAL_MS),
+                ("grpc.keepalive_timeout_ms", SERVER_PING_TIMEOUT_MS),
+            ],
         )
         self._server = server
         try:
@@ -357,6 +438,10 @@ class Broker:
             stream_defaults=stream_defaults(config),
             clock=self._clock,
             cursors=self._cursors,
+            groups=self._groups,
+            metrics=self.metrics,
+            limits=Limits(limits),
+            slow_consumers=SlowConsumers(config.seconds("subscriptions.slow.consumer.timeout")),
         )
         self._api = ApiService(broker)
         api_pb2_grpc.add_APIServicer_to_server(self._api, server)
@@ -375,6 +460,8 @@ class Broker:
             "nats": self.nats_url,
             "data_dir": str(self.settings.data_dir),
         }
+        if self._http is not None:
+            info["metrics"] = self._http.address
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(info) + "\n", encoding="utf-8")
         temporary.replace(path)
@@ -391,7 +478,7 @@ class Broker:
             f"  NATS         {self.nats_url} ({nats_kind})\n"
             f"  data dir     {self.settings.data_dir}\n"
             f"  sync policy  {config.string('streams.sync.policy')}\n"
-        )
+        ) + (f"  metrics      http://{self._http.address}/metrics\n" if self._http else "")
 
     # -- running and stopping --------------------------------------------------------------
 
@@ -413,6 +500,9 @@ class Broker:
                 self._api.begin_shutdown()
             await self._server.stop(SHUTDOWN_GRACE_S)
             self._server = None
+        if self._groups is not None:
+            await _logged("stopping the group coordinator", self._groups.close())
+            self._groups = None
         if self._activity is not None:
             await _logged("stopping the activity publisher", self._activity.close())
             self._activity = None
@@ -433,6 +523,9 @@ class Broker:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

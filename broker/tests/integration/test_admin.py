@@ -231,14 +231,6 @@ async def test_overrides_are_accepted(api: API) -> None:
     assert response.streamMetadata[0].error == api_pb2.StreamMetadata.Error.OK
 
 
-async def test_features_of_later_issues_answer_unimplemented(api: API) -> None:
-    error = await _status(
-        api.JoinConsumerGroup(api_pb2.JoinConsumerGroupRequest(groupId="g", consumerId="c"))
-    )
-    assert error.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert _reason(error) == "unimplemented"
-
-
 async def test_a_stream_with_the_longest_name_is_deleted_and_re_created_empty(
     api: API, broker: BrokerProcess
 ) -> None:

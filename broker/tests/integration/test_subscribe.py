@@ -186,15 +186,6 @@ async def test_bad_request_is_invalid_argument(api: Stub, subtests: pytest.Subte
             assert _reason(error) == "invalid-argument"
 
 
-async def test_consumer_groups_are_unimplemented(api: Stub) -> None:
-    await _create(api, "s")
-    consumer = api_pb2.Consumer(groupId="g", consumerId="c", groupEpoch=1)
-    error = await _expect_error(
-        _subscribe(api, "s", consumer=consumer), grpc.StatusCode.UNIMPLEMENTED
-    )
-    assert _reason(error) == "unimplemented"
-
-
 async def test_isr_replica_and_resume_are_accepted(api: Stub, broker: BrokerProcess) -> None:
     await _create(api, "s")
     async with _nats(broker) as nc:

@@ -114,6 +114,34 @@ SubscribeRequest.stopTimestamp.
 """
 Global___StopPosition: _TypeAlias = StopPosition  # noqa: Y015
 
+class _ResetPosition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResetPositionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResetPosition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESET_EARLIEST: _ResetPosition.ValueType  # 0
+    """Before the oldest retained record: everything is read again."""
+    RESET_LATEST: _ResetPosition.ValueType  # 1
+    """After the newest record: only new records are read."""
+    RESET_OFFSET: _ResetPosition.ValueType  # 2
+    """Before resetOffset: reading resumes at resetOffset."""
+    RESET_TIMESTAMP: _ResetPosition.ValueType  # 3
+    """Before the first record stamped at or after resetTimestamp."""
+
+class ResetPosition(_ResetPosition, metaclass=_ResetPositionEnumTypeWrapper):
+    """Where ResetConsumerGroupPositions moves a group's positions (Flux)."""
+
+RESET_EARLIEST: ResetPosition.ValueType  # 0
+"""Before the oldest retained record: everything is read again."""
+RESET_LATEST: ResetPosition.ValueType  # 1
+"""After the newest record: only new records are read."""
+RESET_OFFSET: ResetPosition.ValueType  # 2
+"""Before resetOffset: reading resumes at resetOffset."""
+RESET_TIMESTAMP: ResetPosition.ValueType  # 3
+"""Before the first record stamped at or after resetTimestamp."""
+Global___ResetPosition: _TypeAlias = ResetPosition  # noqa: Y015
+
 class _AckPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1170,6 +1198,7 @@ class SetCursorRequest(_message.Message):
     PARTITION_FIELD_NUMBER: _builtins.int
     CURSORID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
     stream: _builtins.str
     """Name of the stream the cursor refers to. Required."""
     partition: _builtins.int
@@ -1180,6 +1209,16 @@ class SetCursorRequest(_message.Message):
     """The offset to store. Its meaning (last processed offset or next offset
     to read) is a convention of the client.
     """
+    @_builtins.property
+    def consumer(self) -> Global___Consumer:
+        """Flux: a member-checked consumer-group commit. When set, cursorId must be
+        empty or "__group:<consumer.groupId>", and the commit is refused with
+        FailedPrecondition [not-partition-owner] unless consumer.consumerId
+        owns the partition in the group (a partition being revoked from it
+        still counts until it confirms) and consumer.groupEpoch is not older
+        than the epoch in which it got the partition. Nothing is stored then.
+        """
+
     def __init__(
         self,
         *,
@@ -1187,10 +1226,11 @@ class SetCursorRequest(_message.Message):
         partition: _builtins.int = ...,
         cursorId: _builtins.str = ...,
         offset: _builtins.int = ...,
+        consumer: Global___Consumer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursorId", b"cursorId", "offset", b"offset", "partition", b"partition", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "cursorId", b"cursorId", "offset", b"offset", "partition", b"partition", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1276,10 +1316,17 @@ class JoinConsumerGroupRequest(_message.Message):
     GROUPID_FIELD_NUMBER: _builtins.int
     CONSUMERID_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
+    ASSIGNOR_FIELD_NUMBER: _builtins.int
     groupId: _builtins.str
     """Id of the group. Required."""
     consumerId: _builtins.str
     """Id of the joining consumer, unique within the group. Required."""
+    assignor: _builtins.str
+    """Flux: the assignor of a new group: "least-loaded" (the default,
+    Liftbridge's), "range" or "round-robin". For an existing group it must
+    be empty or the group's assignor (else FailedPrecondition
+    [group-assignor-mismatch]).
+    """
     @_builtins.property
     def streams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the streams the consumer wants to read. Required (at least
@@ -1292,10 +1339,11 @@ class JoinConsumerGroupRequest(_message.Message):
         groupId: _builtins.str = ...,
         consumerId: _builtins.str = ...,
         streams: _abc.Iterable[_builtins.str] | None = ...,
+        assignor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumerId", b"consumerId", "groupId", b"groupId", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignor", b"assignor", "consumerId", b"consumerId", "groupId", b"groupId", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1311,12 +1359,17 @@ class JoinConsumerGroupResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     CONSUMERTIMEOUT_FIELD_NUMBER: _builtins.int
     COORDINATORTIMEOUT_FIELD_NUMBER: _builtins.int
+    ASSIGNOR_FIELD_NUMBER: _builtins.int
+    REVOKETIMEOUT_FIELD_NUMBER: _builtins.int
     coordinator: _builtins.str
     """Id of the broker acting as the group's coordinator. Assignment fetches
     must be sent to it.
     """
     epoch: _builtins.int
-    """Current group epoch; 0 for a newly created group."""
+    """Current group epoch. Liftbridge answers 0 for a newly created group;
+    Flux answers the metadata index of the change, so a group created
+    again after it emptied never reuses an epoch.
+    """
     consumerTimeout: _builtins.int
     """Time in nanoseconds after which the coordinator removes a consumer
     that has not fetched its assignments. Consumers should poll well within
@@ -1326,6 +1379,13 @@ class JoinConsumerGroupResponse(_message.Message):
     """Time in nanoseconds without successful contact with the coordinator
     after which a consumer should report it as failed (default 15 s).
     """
+    assignor: _builtins.str
+    """Flux: the group's assignor."""
+    revokeTimeout: _builtins.int
+    """Flux: time in nanoseconds a member has to confirm a revocation (stop
+    reading the partition and commit its final position) before the
+    partition moves on without it (groups.revoke.timeout, default 15 s).
+    """
     def __init__(
         self,
         *,
@@ -1333,10 +1393,12 @@ class JoinConsumerGroupResponse(_message.Message):
         epoch: _builtins.int = ...,
         consumerTimeout: _builtins.int = ...,
         coordinatorTimeout: _builtins.int = ...,
+        assignor: _builtins.str = ...,
+        revokeTimeout: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumerTimeout", b"consumerTimeout", "coordinator", b"coordinator", "coordinatorTimeout", b"coordinatorTimeout", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignor", b"assignor", "consumerTimeout", b"consumerTimeout", "coordinator", b"coordinator", "coordinatorTimeout", b"coordinatorTimeout", "epoch", b"epoch", "revokeTimeout", b"revokeTimeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1530,6 +1592,389 @@ class ReportConsumerGroupCoordinatorResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportConsumerGroupCoordinatorResponse: _TypeAlias = ReportConsumerGroupCoordinatorResponse  # noqa: Y015
+
+@_typing.final
+class WatchConsumerGroupAssignmentsRequest(_message.Message):
+    """Request to receive a member's assignment changes as they happen (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    CONSUMERID_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """Id of the group. Required."""
+    consumerId: _builtins.str
+    """Id of the member, which must have joined. Required."""
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        consumerId: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumerId", b"consumerId", "groupId", b"groupId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConsumerGroupAssignmentsRequest: _TypeAlias = WatchConsumerGroupAssignmentsRequest  # noqa: Y015
+
+@_typing.final
+class ConsumerGroupAssignmentUpdate(_message.Message):
+    """A member's assignment after a change (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    REVOKING_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The group epoch of this assignment."""
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionAssignment]:
+        """Every partition the member owns now, grouped by stream (complete, not
+        a delta).
+        """
+
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionAssignment]:
+        """Partitions taken away from the member since the previous update: stop
+        reading them and commit their final positions.
+        """
+
+    @_builtins.property
+    def revoking(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionAssignment]:
+        """Partitions being revoked from the member that it has not confirmed yet
+        (revoked in this or an earlier update): once it has stopped reading
+        them and committed, it confirms with FetchConsumerGroupAssignments at
+        this epoch (if the epoch moved on meanwhile, the next update repeats
+        the list). Until it confirms, or groups.revoke.timeout passes, no other
+        member gets them.
+        """
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        assignments: _abc.Iterable[Global___PartitionAssignment] | None = ...,
+        revoked: _abc.Iterable[Global___PartitionAssignment] | None = ...,
+        revoking: _abc.Iterable[Global___PartitionAssignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "epoch", b"epoch", "revoked", b"revoked", "revoking", b"revoking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerGroupAssignmentUpdate: _TypeAlias = ConsumerGroupAssignmentUpdate  # noqa: Y015
+
+@_typing.final
+class DescribeConsumerGroupRequest(_message.Message):
+    """Request to describe a consumer group (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """Id of the group. Required."""
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groupId", b"groupId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeConsumerGroupRequest: _TypeAlias = DescribeConsumerGroupRequest  # noqa: Y015
+
+@_typing.final
+class ConsumerGroupMember(_message.Message):
+    """One member of a consumer group (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMERID_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    REVOKING_FIELD_NUMBER: _builtins.int
+    WATCHING_FIELD_NUMBER: _builtins.int
+    consumerId: _builtins.str
+    """Id of the member."""
+    watching: _builtins.bool
+    """Whether it has a WatchConsumerGroupAssignments call open (push)."""
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The streams it joined with."""
+
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionAssignment]:
+        """The partitions it owns and reads."""
+
+    @_builtins.property
+    def revoking(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionAssignment]:
+        """Partitions being revoked from it: it may still commit them until it
+        confirms the revocation.
+        """
+
+    def __init__(
+        self,
+        *,
+        consumerId: _builtins.str = ...,
+        streams: _abc.Iterable[_builtins.str] | None = ...,
+        assignments: _abc.Iterable[Global___PartitionAssignment] | None = ...,
+        revoking: _abc.Iterable[Global___PartitionAssignment] | None = ...,
+        watching: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "consumerId", b"consumerId", "revoking", b"revoking", "streams", b"streams", "watching", b"watching"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerGroupMember: _TypeAlias = ConsumerGroupMember  # noqa: Y015
+
+@_typing.final
+class ConsumerGroupPartition(_message.Message):
+    """One partition of a consumer group's streams (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REVOKING_FIELD_NUMBER: _builtins.int
+    COMMITTEDOFFSET_FIELD_NUMBER: _builtins.int
+    HIGHWATERMARK_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """Name of the stream."""
+    partition: _builtins.int
+    """Id of the partition."""
+    owner: _builtins.str
+    """The member that owns it; empty if none."""
+    revoking: _builtins.bool
+    """Whether it is being revoked from its owner."""
+    committedOffset: _builtins.int
+    """The committed position: the last processed offset (the cursor
+    "__group:<groupId>"), -1 if none.
+    """
+    highWatermark: _builtins.int
+    """The partition's high watermark (-1 if empty)."""
+    lag: _builtins.int
+    """Committed records not yet processed by the group: highWatermark -
+    committedOffset, or the records retained when nothing is committed.
+    """
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        revoking: _builtins.bool = ...,
+        committedOffset: _builtins.int = ...,
+        highWatermark: _builtins.int = ...,
+        lag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committedOffset", b"committedOffset", "highWatermark", b"highWatermark", "lag", b"lag", "owner", b"owner", "partition", b"partition", "revoking", b"revoking", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerGroupPartition: _TypeAlias = ConsumerGroupPartition  # noqa: Y015
+
+@_typing.final
+class DescribeConsumerGroupResponse(_message.Message):
+    """A consumer group's state (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    ASSIGNOR_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """Id of the group."""
+    epoch: _builtins.int
+    """Current epoch."""
+    coordinator: _builtins.str
+    """Broker id of the coordinator."""
+    assignor: _builtins.str
+    """The group's assignor."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroupMember]:
+        """Current members, by id; empty once the last member has left."""
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroupPartition]:
+        """Every partition of the streams the group has read, with positions."""
+
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        coordinator: _builtins.str = ...,
+        assignor: _builtins.str = ...,
+        members: _abc.Iterable[Global___ConsumerGroupMember] | None = ...,
+        partitions: _abc.Iterable[Global___ConsumerGroupPartition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignor", b"assignor", "coordinator", b"coordinator", "epoch", b"epoch", "groupId", b"groupId", "members", b"members", "partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeConsumerGroupResponse: _TypeAlias = DescribeConsumerGroupResponse  # noqa: Y015
+
+@_typing.final
+class ListConsumerGroupsRequest(_message.Message):
+    """Request to list the consumer groups this broker knows (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumerGroupsRequest: _TypeAlias = ListConsumerGroupsRequest  # noqa: Y015
+
+@_typing.final
+class ConsumerGroupSummary(_message.Message):
+    """A consumer group in a listing (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    ASSIGNOR_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """Id of the group."""
+    epoch: _builtins.int
+    """Current epoch."""
+    members: _builtins.int
+    """Number of members (0: the group is empty; its positions remain)."""
+    assignor: _builtins.str
+    """The group's assignor."""
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        members: _builtins.int = ...,
+        assignor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignor", b"assignor", "epoch", b"epoch", "groupId", b"groupId", "members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerGroupSummary: _TypeAlias = ConsumerGroupSummary  # noqa: Y015
+
+@_typing.final
+class ListConsumerGroupsResponse(_message.Message):
+    """The consumer groups this broker knows, by id (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroupSummary]: ...
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___ConsumerGroupSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumerGroupsResponse: _TypeAlias = ListConsumerGroupsResponse  # noqa: Y015
+
+@_typing.final
+class ResetConsumerGroupPositionsRequest(_message.Message):
+    """Request to move a consumer group's committed positions (Flux). Allowed only
+    while the group has no members.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    RESETOFFSET_FIELD_NUMBER: _builtins.int
+    RESETTIMESTAMP_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """Id of the group. Required."""
+    stream: _builtins.str
+    """Name of the stream. Required."""
+    position: Global___ResetPosition.ValueType
+    """Where to move the positions."""
+    resetOffset: _builtins.int
+    """For RESET_OFFSET: the next offset to read."""
+    resetTimestamp: _builtins.int
+    """For RESET_TIMESTAMP: Unix time in nanoseconds."""
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Partition ids; empty means every partition of the stream."""
+
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        stream: _builtins.str = ...,
+        partitions: _abc.Iterable[_builtins.int] | None = ...,
+        position: Global___ResetPosition.ValueType = ...,
+        resetOffset: _builtins.int = ...,
+        resetTimestamp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groupId", b"groupId", "partitions", b"partitions", "position", b"position", "resetOffset", b"resetOffset", "resetTimestamp", b"resetTimestamp", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConsumerGroupPositionsRequest: _TypeAlias = ResetConsumerGroupPositionsRequest  # noqa: Y015
+
+@_typing.final
+class ResetConsumerGroupPositionsResponse(_message.Message):
+    """The positions after a reset (Flux)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroupPartition]:
+        """The reset partitions with their new committed positions."""
+
+    def __init__(
+        self,
+        *,
+        partitions: _abc.Iterable[Global___ConsumerGroupPartition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConsumerGroupPositionsResponse: _TypeAlias = ResetConsumerGroupPositionsResponse  # noqa: Y015
 
 @_typing.final
 class Broker(_message.Message):

@@ -135,6 +135,26 @@ class APIStub:
                 request_serializer=flux__proto_dot_api__pb2.SubscribeBatchRequest.SerializeToString,
                 response_deserializer=flux__proto_dot_api__pb2.RecordBatch.FromString,
                 _registered_method=True)
+        self.WatchConsumerGroupAssignments = channel.unary_stream(
+                '/proto.API/WatchConsumerGroupAssignments',
+                request_serializer=flux__proto_dot_api__pb2.WatchConsumerGroupAssignmentsRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.ConsumerGroupAssignmentUpdate.FromString,
+                _registered_method=True)
+        self.DescribeConsumerGroup = channel.unary_unary(
+                '/proto.API/DescribeConsumerGroup',
+                request_serializer=flux__proto_dot_api__pb2.DescribeConsumerGroupRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.DescribeConsumerGroupResponse.FromString,
+                _registered_method=True)
+        self.ListConsumerGroups = channel.unary_unary(
+                '/proto.API/ListConsumerGroups',
+                request_serializer=flux__proto_dot_api__pb2.ListConsumerGroupsRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.ListConsumerGroupsResponse.FromString,
+                _registered_method=True)
+        self.ResetConsumerGroupPositions = channel.unary_unary(
+                '/proto.API/ResetConsumerGroupPositions',
+                request_serializer=flux__proto_dot_api__pb2.ResetConsumerGroupPositionsRequest.SerializeToString,
+                response_deserializer=flux__proto_dot_api__pb2.ResetConsumerGroupPositionsResponse.FromString,
+                _registered_method=True)
 
 
 class APIServicer:
@@ -367,6 +387,44 @@ class APIServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchConsumerGroupAssignments(self, request, context):
+        """Streams a member's assignment whenever it changes (Flux): the current
+        one first, then one update per change. While the call is open it
+        counts as the member's heartbeat. Errors: InvalidArgument if an id is
+        missing or malformed; NotFound [group-not-found]; FailedPrecondition
+        [not-group-member] if the consumer is not a member (also when it is
+        removed while watching); Unavailable when the broker shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeConsumerGroup(self, request, context):
+        """Describes a consumer group (Flux): members, assignments, committed
+        positions and lag per partition. Works after the last member left.
+        Errors: NotFound [group-not-found] for a group this broker never had.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsumerGroups(self, request, context):
+        """Lists the consumer groups this broker knows, including empty ones
+        (Flux).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetConsumerGroupPositions(self, request, context):
+        """Moves a consumer group's committed positions (Flux) while it has no
+        members. Errors: NotFound for an unknown group, stream or partition;
+        FailedPrecondition [group-not-empty] while members remain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_APIServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -464,6 +522,26 @@ def add_APIServicer_to_server(servicer, server):
                     servicer.SubscribeBatch,
                     request_deserializer=flux__proto_dot_api__pb2.SubscribeBatchRequest.FromString,
                     response_serializer=flux__proto_dot_api__pb2.RecordBatch.SerializeToString,
+            ),
+            'WatchConsumerGroupAssignments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConsumerGroupAssignments,
+                    request_deserializer=flux__proto_dot_api__pb2.WatchConsumerGroupAssignmentsRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.ConsumerGroupAssignmentUpdate.SerializeToString,
+            ),
+            'DescribeConsumerGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeConsumerGroup,
+                    request_deserializer=flux__proto_dot_api__pb2.DescribeConsumerGroupRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.DescribeConsumerGroupResponse.SerializeToString,
+            ),
+            'ListConsumerGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsumerGroups,
+                    request_deserializer=flux__proto_dot_api__pb2.ListConsumerGroupsRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.ListConsumerGroupsResponse.SerializeToString,
+            ),
+            'ResetConsumerGroupPositions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetConsumerGroupPositions,
+                    request_deserializer=flux__proto_dot_api__pb2.ResetConsumerGroupPositionsRequest.FromString,
+                    response_serializer=flux__proto_dot_api__pb2.ResetConsumerGroupPositionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -985,6 +1063,114 @@ class API:
             '/proto.API/SubscribeBatch',
             flux__proto_dot_api__pb2.SubscribeBatchRequest.SerializeToString,
             flux__proto_dot_api__pb2.RecordBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConsumerGroupAssignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/proto.API/WatchConsumerGroupAssignments',
+            flux__proto_dot_api__pb2.WatchConsumerGroupAssignmentsRequest.SerializeToString,
+            flux__proto_dot_api__pb2.ConsumerGroupAssignmentUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeConsumerGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proto.API/DescribeConsumerGroup',
+            flux__proto_dot_api__pb2.DescribeConsumerGroupRequest.SerializeToString,
+            flux__proto_dot_api__pb2.DescribeConsumerGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsumerGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proto.API/ListConsumerGroups',
+            flux__proto_dot_api__pb2.ListConsumerGroupsRequest.SerializeToString,
+            flux__proto_dot_api__pb2.ListConsumerGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetConsumerGroupPositions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/proto.API/ResetConsumerGroupPositions',
+            flux__proto_dot_api__pb2.ResetConsumerGroupPositionsRequest.SerializeToString,
+            flux__proto_dot_api__pb2.ResetConsumerGroupPositionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -186,6 +186,28 @@ class APIStub:
     are those of Subscribe, except that reaching the stop position ends
     the call with OK.
     """
+    WatchConsumerGroupAssignments: _grpc.UnaryStreamMultiCallable[_api_pb2.WatchConsumerGroupAssignmentsRequest, _api_pb2.ConsumerGroupAssignmentUpdate]
+    """Streams a member's assignment whenever it changes (Flux): the current
+    one first, then one update per change. While the call is open it
+    counts as the member's heartbeat. Errors: InvalidArgument if an id is
+    missing or malformed; NotFound [group-not-found]; FailedPrecondition
+    [not-group-member] if the consumer is not a member (also when it is
+    removed while watching); Unavailable when the broker shuts down.
+    """
+    DescribeConsumerGroup: _grpc.UnaryUnaryMultiCallable[_api_pb2.DescribeConsumerGroupRequest, _api_pb2.DescribeConsumerGroupResponse]
+    """Describes a consumer group (Flux): members, assignments, committed
+    positions and lag per partition. Works after the last member left.
+    Errors: NotFound [group-not-found] for a group this broker never had.
+    """
+    ListConsumerGroups: _grpc.UnaryUnaryMultiCallable[_api_pb2.ListConsumerGroupsRequest, _api_pb2.ListConsumerGroupsResponse]
+    """Lists the consumer groups this broker knows, including empty ones
+    (Flux).
+    """
+    ResetConsumerGroupPositions: _grpc.UnaryUnaryMultiCallable[_api_pb2.ResetConsumerGroupPositionsRequest, _api_pb2.ResetConsumerGroupPositionsResponse]
+    """Moves a consumer group's committed positions (Flux) while it has no
+    members. Errors: NotFound for an unknown group, stream or partition;
+    FailedPrecondition [group-not-empty] while members remain.
+    """
 
 @_typing.type_check_only
 class APIAsyncStub(APIStub):
@@ -341,6 +363,28 @@ class APIAsyncStub(APIStub):
     the start position, each within maxBytes. Positions, errors and ends
     are those of Subscribe, except that reaching the stop position ends
     the call with OK.
+    """
+    WatchConsumerGroupAssignments: _aio.UnaryStreamMultiCallable[_api_pb2.WatchConsumerGroupAssignmentsRequest, _api_pb2.ConsumerGroupAssignmentUpdate]  # type: ignore[assignment]
+    """Streams a member's assignment whenever it changes (Flux): the current
+    one first, then one update per change. While the call is open it
+    counts as the member's heartbeat. Errors: InvalidArgument if an id is
+    missing or malformed; NotFound [group-not-found]; FailedPrecondition
+    [not-group-member] if the consumer is not a member (also when it is
+    removed while watching); Unavailable when the broker shuts down.
+    """
+    DescribeConsumerGroup: _aio.UnaryUnaryMultiCallable[_api_pb2.DescribeConsumerGroupRequest, _api_pb2.DescribeConsumerGroupResponse]  # type: ignore[assignment]
+    """Describes a consumer group (Flux): members, assignments, committed
+    positions and lag per partition. Works after the last member left.
+    Errors: NotFound [group-not-found] for a group this broker never had.
+    """
+    ListConsumerGroups: _aio.UnaryUnaryMultiCallable[_api_pb2.ListConsumerGroupsRequest, _api_pb2.ListConsumerGroupsResponse]  # type: ignore[assignment]
+    """Lists the consumer groups this broker knows, including empty ones
+    (Flux).
+    """
+    ResetConsumerGroupPositions: _aio.UnaryUnaryMultiCallable[_api_pb2.ResetConsumerGroupPositionsRequest, _api_pb2.ResetConsumerGroupPositionsResponse]  # type: ignore[assignment]
+    """Moves a consumer group's committed positions (Flux) while it has no
+    members. Errors: NotFound for an unknown group, stream or partition;
+    FailedPrecondition [group-not-empty] while members remain.
     """
 
 class APIServicer(metaclass=_abc_1.ABCMeta):
@@ -608,6 +652,52 @@ class APIServicer(metaclass=_abc_1.ABCMeta):
         the start position, each within maxBytes. Positions, errors and ends
         are those of Subscribe, except that reaching the stop position ends
         the call with OK.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConsumerGroupAssignments(
+        self,
+        request: _api_pb2.WatchConsumerGroupAssignmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_api_pb2.ConsumerGroupAssignmentUpdate], _abc.AsyncIterator[_api_pb2.ConsumerGroupAssignmentUpdate]]:
+        """Streams a member's assignment whenever it changes (Flux): the current
+        one first, then one update per change. While the call is open it
+        counts as the member's heartbeat. Errors: InvalidArgument if an id is
+        missing or malformed; NotFound [group-not-found]; FailedPrecondition
+        [not-group-member] if the consumer is not a member (also when it is
+        removed while watching); Unavailable when the broker shuts down.
+        """
+
+    @_abc_1.abstractmethod
+    def DescribeConsumerGroup(
+        self,
+        request: _api_pb2.DescribeConsumerGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.DescribeConsumerGroupResponse, _abc.Awaitable[_api_pb2.DescribeConsumerGroupResponse]]:
+        """Describes a consumer group (Flux): members, assignments, committed
+        positions and lag per partition. Works after the last member left.
+        Errors: NotFound [group-not-found] for a group this broker never had.
+        """
+
+    @_abc_1.abstractmethod
+    def ListConsumerGroups(
+        self,
+        request: _api_pb2.ListConsumerGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.ListConsumerGroupsResponse, _abc.Awaitable[_api_pb2.ListConsumerGroupsResponse]]:
+        """Lists the consumer groups this broker knows, including empty ones
+        (Flux).
+        """
+
+    @_abc_1.abstractmethod
+    def ResetConsumerGroupPositions(
+        self,
+        request: _api_pb2.ResetConsumerGroupPositionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.ResetConsumerGroupPositionsResponse, _abc.Awaitable[_api_pb2.ResetConsumerGroupPositionsResponse]]:
+        """Moves a consumer group's committed positions (Flux) while it has no
+        members. Errors: NotFound for an unknown group, stream or partition;
+        FailedPrecondition [group-not-empty] while members remain.
         """
 
 def add_APIServicer_to_server(servicer: APIServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,8 +15,11 @@ whether the same call may succeed if repeated; ``cause`` is the underlying excep
     ├── EncryptionFailedError, EncryptionUnavailableError
     ├── AckTimeoutError (also a TimeoutError; ``retry_safe`` says if an idempotent retry is safe)
     ├── AckFailedError, NoMetadataLeaderError, SlowConsumerError, UnavailableError
-    ├── ResourceLimitError, OffsetOutOfRangeError, StorageFailedError, CorruptRecordError
+    ├── ResourceLimitError, OffsetOutOfRangeError, StorageFailedError, DiskFullError
+    ├── CorruptRecordError
     ├── CursorsDisabledError, UnimplementedError, InternalError
+    ├── GroupNotFoundError, NotGroupMemberError, GroupEpochMismatchError, NotCoordinatorError
+    ├── NotPartitionOwnerError, GroupFencedError, GroupNotEmptyError, GroupAssignorMismatchError
     └── client side: ClosedError, BufferFullError, CallTimeoutError (also a TimeoutError),
         ConnectionFailedError (also a ConnectionError), UnknownError
 
@@ -48,16 +51,25 @@ __all__ = [
     "ConnectionFailedError",
     "CorruptRecordError",
     "CursorsDisabledError",
+    "DiskFullError",
     "DuplicateSequenceError",
     "EncryptionFailedError",
     "EncryptionUnavailableError",
     "FluxError",
+    "GroupAssignorMismatchError",
+    "GroupEpochMismatchError",
+    "GroupFencedError",
+    "GroupNotEmptyError",
+    "GroupNotFoundError",
     "IncorrectOffsetError",
     "InternalError",
     "InvalidArgumentError",
     "MessageTooLargeError",
     "NoMetadataLeaderError",
+    "NotCoordinatorError",
+    "NotGroupMemberError",
     "NotLeaderError",
+    "NotPartitionOwnerError",
     "OffsetOutOfRangeError",
     "OutOfOrderSequenceError",
     "PartitionNotFoundError",
@@ -289,6 +301,12 @@ class StorageFailedError(FluxError):
     code = "STORAGE_FAILED"
 
 
+class DiskFullError(FluxError):
+    """The broker's disk is full; nothing was written, and writes resume once space is freed."""
+
+    code = "DISK_FULL"
+
+
 class CorruptRecordError(FluxError):
     """A record failed its checks (CRC, structure)."""
 
@@ -299,6 +317,54 @@ class CursorsDisabledError(FluxError):
     """Cursors are disabled on the broker."""
 
     code = "CURSORS_DISABLED"
+
+
+class GroupNotFoundError(FluxError):
+    """No consumer group has this id."""
+
+    code = "GROUP_NOT_FOUND"
+
+
+class NotGroupMemberError(FluxError):
+    """The consumer is not (or no longer) a member of the group."""
+
+    code = "NOT_GROUP_MEMBER"
+
+
+class GroupEpochMismatchError(FluxError):
+    """The request's group epoch is not the current one."""
+
+    code = "GROUP_EPOCH_MISMATCH"
+
+
+class NotCoordinatorError(FluxError):
+    """The broker is not the group's coordinator (or the report is stale)."""
+
+    code = "NOT_COORDINATOR"
+
+
+class NotPartitionOwnerError(FluxError):
+    """A member-checked commit for a partition the member does not own."""
+
+    code = "NOT_PARTITION_OWNER"
+
+
+class GroupFencedError(FluxError):
+    """A group subscription with an equal or newer epoch holds the partition."""
+
+    code = "GROUP_FENCED"
+
+
+class GroupNotEmptyError(FluxError):
+    """The operation needs a consumer group without members."""
+
+    code = "GROUP_NOT_EMPTY"
+
+
+class GroupAssignorMismatchError(FluxError):
+    """The join names another assignor than the group's."""
+
+    code = "GROUP_ASSIGNOR_MISMATCH"
 
 
 class UnimplementedError(FluxError):
@@ -371,8 +437,17 @@ _CLASSES: Final[dict[str, type[FluxError]]] = {
         ResourceLimitError,
         OffsetOutOfRangeError,
         StorageFailedError,
+        DiskFullError,
         CorruptRecordError,
         CursorsDisabledError,
+        GroupNotFoundError,
+        NotGroupMemberError,
+        GroupEpochMismatchError,
+        NotCoordinatorError,
+        NotPartitionOwnerError,
+        GroupFencedError,
+        GroupNotEmptyError,
+        GroupAssignorMismatchError,
         UnimplementedError,
         InternalError,
         ClosedError,

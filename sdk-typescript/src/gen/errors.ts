@@ -8,10 +8,10 @@ export const REASON_METADATA_KEY = "flux-reason";
 export type GrpcCodeName = "OK" | "CANCELLED" | "UNKNOWN" | "INVALID_ARGUMENT" | "DEADLINE_EXCEEDED" | "NOT_FOUND" | "ALREADY_EXISTS" | "PERMISSION_DENIED" | "RESOURCE_EXHAUSTED" | "FAILED_PRECONDITION" | "ABORTED" | "OUT_OF_RANGE" | "UNIMPLEMENTED" | "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "UNAUTHENTICATED";
 
 /** Stable identifiers of the conditions in the error table. */
-export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "OUT_OF_ORDER_SEQUENCE" | "DUPLICATE_SEQUENCE" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ENCRYPTION_UNAVAILABLE" | "ACK_TIMEOUT" | "ACK_FAILED" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "OFFSET_OUT_OF_RANGE" | "STORAGE_FAILED" | "CORRUPT_RECORD" | "CURSORS_DISABLED" | "UNIMPLEMENTED" | "INTERNAL";
+export type FluxErrorName = "INVALID_ARGUMENT" | "STREAM_RESERVED" | "STREAM_EXISTS" | "STREAM_NOT_FOUND" | "PARTITION_NOT_FOUND" | "NOT_LEADER" | "PARTITION_PAUSED" | "READONLY" | "READONLY_END" | "STOP_REACHED" | "STREAM_EMPTY" | "INCORRECT_OFFSET" | "OUT_OF_ORDER_SEQUENCE" | "DUPLICATE_SEQUENCE" | "MESSAGE_TOO_LARGE" | "ENCRYPTION_FAILED" | "ENCRYPTION_UNAVAILABLE" | "ACK_TIMEOUT" | "ACK_FAILED" | "NO_METADATA_LEADER" | "SLOW_CONSUMER" | "UNAVAILABLE" | "RESOURCE_LIMIT" | "OFFSET_OUT_OF_RANGE" | "STORAGE_FAILED" | "DISK_FULL" | "CORRUPT_RECORD" | "CURSORS_DISABLED" | "GROUP_NOT_FOUND" | "NOT_GROUP_MEMBER" | "GROUP_EPOCH_MISMATCH" | "NOT_COORDINATOR" | "NOT_PARTITION_OWNER" | "GROUP_FENCED" | "GROUP_NOT_EMPTY" | "GROUP_ASSIGNOR_MISMATCH" | "UNIMPLEMENTED" | "INTERNAL";
 
 /** Machine-readable reasons sent in the `flux-reason` trailing metadata. */
-export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "out-of-order-sequence" | "duplicate-sequence" | "too-large" | "encryption-failed" | "encryption-unavailable" | "ack-timeout" | "ack-failed" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "offset-out-of-range" | "storage-failed" | "corrupt-record" | "cursors-disabled" | "unimplemented" | "internal";
+export type FluxErrorReason = "invalid-argument" | "stream-reserved" | "stream-exists" | "stream-not-found" | "partition-not-found" | "not-leader" | "partition-paused" | "readonly" | "readonly-end" | "stop-reached" | "stream-empty" | "incorrect-offset" | "out-of-order-sequence" | "duplicate-sequence" | "too-large" | "encryption-failed" | "encryption-unavailable" | "ack-timeout" | "ack-failed" | "no-metadata-leader" | "slow-consumer" | "unavailable" | "resource-limit" | "offset-out-of-range" | "storage-failed" | "disk-full" | "corrupt-record" | "cursors-disabled" | "group-not-found" | "not-group-member" | "group-epoch-mismatch" | "not-coordinator" | "not-partition-owner" | "group-fenced" | "group-not-empty" | "group-assignor-mismatch" | "unimplemented" | "internal";
 
 /** One row of the shared error table (see docs/reference/errors.md). */
 export interface FluxErrorEntry {
@@ -238,7 +238,7 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     reason: "resource-limit",
     liftbridgeMessage: null,
     retriable: false,
-    description: "A documented limit (streams, partitions, headers, subscriptions) would be exceeded.",
+    description: "A documented count limit (streams, subscriptions per connection, consumer groups and their members, cursors) would be exceeded; nothing was changed.",
   },
   {
     name: "OFFSET_OUT_OF_RANGE",
@@ -259,6 +259,15 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     description: "The broker could not write to its storage (for example, the disk is full); nothing was written. Retry with backoff: writes resume once space is freed.",
   },
   {
+    name: "DISK_FULL",
+    grpcCode: "RESOURCE_EXHAUSTED",
+    grpcCodeNumber: 8,
+    reason: "disk-full",
+    liftbridgeMessage: null,
+    retriable: true,
+    description: "The broker's disk is full: nothing of the batch was written and no ack was sent, while reads go on. Retry with backoff: writes resume, at the next offset, once space is freed.",
+  },
+  {
     name: "CORRUPT_RECORD",
     grpcCode: "INTERNAL",
     grpcCodeNumber: 13,
@@ -275,6 +284,78 @@ export const FLUX_ERRORS: readonly FluxErrorEntry[] = [
     liftbridgeMessage: null,
     retriable: false,
     description: "Cursors are disabled on this broker (cursors.stream.partitions is 0, so __cursors does not exist); nothing was stored. Liftbridge answers Internal too.",
+  },
+  {
+    name: "GROUP_NOT_FOUND",
+    grpcCode: "NOT_FOUND",
+    grpcCodeNumber: 5,
+    reason: "group-not-found",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "No consumer group has this id (or, for assignment calls, the group has no members).",
+  },
+  {
+    name: "NOT_GROUP_MEMBER",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "not-group-member",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "The consumer is not a member of the group (it never joined, left, or was removed after missing its heartbeats); join again.",
+  },
+  {
+    name: "GROUP_EPOCH_MISMATCH",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "group-epoch-mismatch",
+    liftbridgeMessage: null,
+    retriable: true,
+    description: "The request carries a group epoch other than the current one; fetch the group metadata and retry with its epoch.",
+  },
+  {
+    name: "NOT_COORDINATOR",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "not-coordinator",
+    liftbridgeMessage: null,
+    retriable: true,
+    description: "This broker is not the group's coordinator, or the reported coordinator and epoch are not the current ones; refresh the group metadata.",
+  },
+  {
+    name: "NOT_PARTITION_OWNER",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "not-partition-owner",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "A member-checked commit came from a member that does not own the partition in the group (or with an epoch older than its ownership); nothing was stored.",
+  },
+  {
+    name: "GROUP_FENCED",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "group-fenced",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "A consumer-group subscription was refused or ended because a subscription of the same group with an equal or newer epoch holds the partition.",
+  },
+  {
+    name: "GROUP_NOT_EMPTY",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "group-not-empty",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "The operation needs a consumer group without members (resetting positions); stop its consumers first.",
+  },
+  {
+    name: "GROUP_ASSIGNOR_MISMATCH",
+    grpcCode: "FAILED_PRECONDITION",
+    grpcCodeNumber: 9,
+    reason: "group-assignor-mismatch",
+    liftbridgeMessage: null,
+    retriable: false,
+    description: "The join names an assignor other than the one the group was created with; nothing was changed.",
   },
   {
     name: "UNIMPLEMENTED",
@@ -378,8 +459,17 @@ export const FLUX_ERROR_CODES: readonly FluxErrorCode[] = [
   "RESOURCE_LIMIT",
   "OFFSET_OUT_OF_RANGE",
   "STORAGE_FAILED",
+  "DISK_FULL",
   "CORRUPT_RECORD",
   "CURSORS_DISABLED",
+  "GROUP_NOT_FOUND",
+  "NOT_GROUP_MEMBER",
+  "GROUP_EPOCH_MISMATCH",
+  "NOT_COORDINATOR",
+  "NOT_PARTITION_OWNER",
+  "GROUP_FENCED",
+  "GROUP_NOT_EMPTY",
+  "GROUP_ASSIGNOR_MISMATCH",
   "UNIMPLEMENTED",
   "INTERNAL",
   "CLOSED",

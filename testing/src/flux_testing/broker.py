@@ -49,6 +49,8 @@ class BrokerProcess:
         nats_url: The URL of the NATS server it uses.
         broker_id: Its broker id.
         pid: Its process id.
+        metrics: ``host:port`` of its HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``)
+            when started with ``--metrics-port``, else ``""``.
     """
 
     data_dir: Path
@@ -60,6 +62,7 @@ class BrokerProcess:
     nats_url: str = ""
     broker_id: str = ""
     pid: int = 0
+    metrics: str = ""
     registry: list[BrokerProcess] | None = None
     _log_path: Path = field(default=Path())
 
@@ -123,6 +126,7 @@ class BrokerProcess:
         broker.address = info["grpc"]
         broker.nats_url = info["nats"]
         broker.broker_id = info["broker_id"]
+        broker.metrics = info.get("metrics", "")
         return broker
 
     async def restart(self, *, timeout_s: float = STARTUP_TIMEOUT_S) -> BrokerProcess:

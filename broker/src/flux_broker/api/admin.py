@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Final
 
 from flux_broker.api.context import BrokerContext
+from flux_broker.api.limits import STREAM_PARTITIONS_MAX_COUNT
 from flux_broker.api.status import FluxStatus
 from flux_broker.metadata import CreateStream, PartitionAssignment, StreamConfig
 from flux_broker.nats.subjects import (
@@ -29,9 +30,8 @@ __all__ = [
     "delete_stream",
 ]
 
-#: Most partitions one stream may have. Each partition holds open files, a NATS subscription
-#: and an ingest task; beyond this a request is far more likely a mistake than a design.
-PARTITIONS_PER_STREAM_MAX: Final = 1024
+#: Most partitions one stream may have by default (``limits.stream.partitions.max.count``).
+PARTITIONS_PER_STREAM_MAX: Final = STREAM_PARTITIONS_MAX_COUNT
 #: Longest NATS queue group name accepted as a stream's ``group``.
 GROUP_MAX_CHARS: Final = 255
 
@@ -54,15 +54,12 @@ def _replication_factor(requested: int, cluster_size: int) -> int:
     return requested
 
 
-def _partitions(requested: int) -> int:
-    if requested == 0:
-        return 1
-    if not 1 <= requested <= PARTITIONS_PER_STREAM_MAX:
-        raise _invalid(
-            f"partitions {requested} is out of range: use 1..{PARTITIONS_PER_STREAM_MAX} "
-            "(0 means 1)"
-        )
-    return requested
+def _partitions(broker: BrokerContext, requested: int) -> int:
+    partitions = requested or 1  # Liftbridge: 0 means 1
+    problem = broker.limits.partitions_problem(partitions)
+    if problem is not None:
+        raise _invalid(problem)
+    return partitions
 
 
 def _check_group(group: str) -> None:
@@ -127,7 +124,7 @@ def create_stream_command(
             override; ENCRYPTION_UNAVAILABLE when encryption is requested.
     """
     validate_stream_name(request.name)
-    partitions = _partitions(request.partitions)
+    partitions = _partitions(broker, request.partitions)
     if not request.subject:
         raise InvalidSubjectError(request.subject, "it is empty; a stream needs a NATS subject")
     validate_subject(request.subject, partitions=partitions)
@@ -182,9 +179,17 @@ def _request_names(message: str) -> str:
 async def create_stream(
     broker: BrokerContext, request: api_pb2.CreateStreamRequest
 ) -> api_pb2.CreateStreamResponse:
-    """CreateStream: validate, apply, open the logs, start the leaders."""
+    """CreateStream: validate, check the stream limit, apply, open the logs, start the leaders.
+
+    An existing name is ALREADY_EXISTS (Liftbridge's answer) even at the stream limit.
+    """
     command = create_stream_command(broker, request)
-    await broker.streams.create_stream(command)
+    streams = broker.streams
+    if streams.stream(command.name) is not None:
+        await streams.create_stream(command)  # raises StreamExistsError
+    else:
+        names = (stream.metadata.name for stream in streams.streams())
+        await broker.limits.creating_stream(names, streams.create_stream(command))
     return api_pb2.CreateStreamResponse()
 
 

@@ -8,9 +8,13 @@ from typing import Any, TypeAlias
 import grpc
 from nats.aio.client import Client
 
+from flux_broker.api.limits import Limits
+from flux_broker.api.slow_consumer import SlowConsumers
 from flux_broker.clock import Clock
 from flux_broker.cursors import CursorStore
+from flux_broker.groups.coordinator import GroupCoordinator
 from flux_broker.metadata import StreamConfig
+from flux_broker.metrics import BrokerMetrics
 from flux_broker.nats.acks import AckRouter
 from flux_broker.streams.manager import StreamManager
 
@@ -39,6 +43,10 @@ class BrokerContext:
             set, for the effective configuration FetchMetadata reports.
         cursors: The cursor store (SetCursor, FetchCursor); ``None`` serves no cursors, as
             when ``cursors.stream.partitions`` is 0.
+        limits: The broker's resource limits (``limits.*``) and the counts they check.
+        metrics: The broker's metrics (default: a private set nobody scrapes).
+        slow_consumers: When a subscriber that stops reading is cut off
+            (``subscriptions.slow.consumer.timeout``).
     """
 
     broker_id: str
@@ -52,3 +60,7 @@ class BrokerContext:
     clock: Clock
     stream_defaults: StreamConfig = field(default_factory=StreamConfig)
     cursors: CursorStore | None = None
+    groups: GroupCoordinator | None = None
+    limits: Limits = field(default_factory=Limits)
+    metrics: BrokerMetrics = field(default_factory=lambda: BrokerMetrics(process=False))
+    slow_consumers: SlowConsumers = field(default_factory=SlowConsumers)

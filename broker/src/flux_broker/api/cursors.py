@@ -21,6 +21,14 @@ offset + 1                                            request succeeds once the 
 a new cursor while the store is full                  RESOURCE_LIMIT (RESOURCE_EXHAUSTED)
 ====================================================  ==========================================
 
+**Member-checked commits** (Flux, ``SetCursorRequest.consumer``): the cursor is the group's
+(``__group:<groupId>``; an empty ``cursorId`` means it, another one is INVALID_ARGUMENT), and
+after the checks above the commit is refused with NOT_GROUP_MEMBER or NOT_PARTITION_OWNER
+(FAILED_PRECONDITION) unless the consumer owns the partition (a partition being revoked from it
+still counts) and its epoch is not older than its ownership. Ownership cannot move while such a
+commit is written. A SetCursor without ``consumer`` is never checked (the Go client commits
+that way).
+
 SetCursor may move a cursor backwards (Liftbridge semantics: a consumer may rewind), and offset
 -1 clears it, so that FetchCursor answers -1 as for a cursor never set. The upper bound is the
 newest offset + 1, not the newest offset, because clients differ on what they store: the Go
@@ -31,10 +39,12 @@ name (deleted and created again since).
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from typing import Final
 
 from flux_broker.api.context import BrokerContext
+from flux_broker.api.groups import check_group_id, group_cursor_id
 from flux_broker.api.status import FluxStatus
 from flux_broker.cursors import (
     CURSOR_ID_MAX_BYTES,
@@ -117,6 +127,40 @@ def _store_status(error: Exception) -> FluxStatus:
     return FluxStatus.from_entry("RESOURCE_LIMIT", str(error))
 
 
+def _commit_cursor_id(request: api_pb2.SetCursorRequest) -> str:
+    """The cursor a SetCursor writes: a member-checked commit may leave ``cursorId`` empty."""
+    if not request.HasField("consumer"):
+        return request.cursorId
+    consumer = request.consumer
+    check_group_id(consumer.groupId)
+    if not consumer.consumerId:
+        raise _invalid("consumer.consumerId is required for a member-checked commit")
+    expected = group_cursor_id(consumer.groupId)
+    if request.cursorId not in ("", expected):
+        raise _invalid(
+            f"a member-checked commit writes the group's cursor {_show(expected)}, not "
+            f"{_show(request.cursorId)}"
+        )
+    return expected
+
+
+def _member_checked(
+    broker: BrokerContext, request: api_pb2.SetCursorRequest
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """Hold the partition's ownership still while a member-checked commit is written."""
+    if not request.HasField("consumer"):
+        return contextlib.nullcontext()
+    if broker.groups is None:
+        raise FluxStatus.from_entry("UNAVAILABLE", "consumer groups are not running yet")
+    consumer = request.consumer
+    return broker.groups.committing(
+        consumer.groupId,
+        consumer.consumerId,
+        (request.stream, request.partition),
+        consumer.groupEpoch,
+    )
+
+
 async def set_cursor(
     broker: BrokerContext, request: api_pb2.SetCursorRequest
 ) -> api_pb2.SetCursorResponse:
@@ -127,7 +171,8 @@ async def set_cursor(
         flux_broker.nats.subjects.InvalidNameError: ``stream`` is malformed or reserved.
         flux_broker.log.LogError: Storage failed or the broker is stopping; nothing stored.
     """
-    _check_request(request.cursorId, request.stream)
+    cursor_id = _commit_cursor_id(request)
+    _check_request(cursor_id, request.stream)
     if request.offset < NO_CURSOR:
         raise _invalid(
             f"offset {request.offset} is negative: use an offset of the partition, or -1 to "
@@ -144,13 +189,14 @@ async def set_cursor(
             f"({newest + 1})",
         )
     try:
-        await store.set(
-            request.cursorId,
-            request.stream,
-            request.partition,
-            request.offset,
-            stream_created_ns=created_ns,
-        )
+        async with _member_checked(broker, request):
+            await store.set(
+                cursor_id,
+                request.stream,
+                request.partition,
+                request.offset,
+                stream_created_ns=created_ns,
+            )
     except (CursorsDisabledError, NotCursorsLeaderError, CursorLimitError) as error:
         raise _store_status(error) from None
     return api_pb2.SetCursorResponse()

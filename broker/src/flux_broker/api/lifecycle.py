@@ -29,11 +29,15 @@ from flux_proto import api_pb2
 __all__ = ["partition_ids", "pause_stream", "set_stream_readonly"]
 
 
-def partition_ids(requested: Sequence[int]) -> tuple[int, ...]:
+def partition_ids(
+    requested: Sequence[int], max_count: int = PARTITIONS_PER_STREAM_MAX
+) -> tuple[int, ...]:
     """The request's partition ids, checked for shape (existence is the store's check).
 
     Args:
         requested: The ``partitions`` field; empty means every partition.
+        max_count: The most partitions a stream may have
+            (``limits.stream.partitions.max.count``).
 
     Returns:
         The ids, in the request's order.
@@ -41,11 +45,11 @@ def partition_ids(requested: Sequence[int]) -> tuple[int, ...]:
     Raises:
         FluxStatus: INVALID_ARGUMENT for too many ids, a negative id or a duplicate.
     """
-    if len(requested) > PARTITIONS_PER_STREAM_MAX:
+    if len(requested) > max_count:
         raise FluxStatus.from_entry(
             "INVALID_ARGUMENT",
             f"{len(requested)} partition ids, more than a stream can have "
-            f"({PARTITIONS_PER_STREAM_MAX}); leave the list empty for every partition",
+            f"({max_count}); leave the list empty for every partition",
         )
     seen: set[int] = set()
     for partition_id in requested:
@@ -73,7 +77,7 @@ async def pause_stream(
         flux_broker.metadata.PartitionNotFoundError: A listed id is not one of its partitions.
     """
     validate_stream_name(request.name)
-    ids = partition_ids(request.partitions)
+    ids = partition_ids(request.partitions, broker.limits.settings.stream_partitions_max_count)
     await broker.streams.pause(request.name, ids, resume_all=request.resumeAll)
     return api_pb2.PauseStreamResponse()
 
@@ -90,6 +94,6 @@ async def set_stream_readonly(
         flux_broker.metadata.PartitionNotFoundError: A listed id is not one of its partitions.
     """
     validate_stream_name(request.name)
-    ids = partition_ids(request.partitions)
+    ids = partition_ids(request.partitions, broker.limits.settings.stream_partitions_max_count)
     await broker.streams.set_readonly(request.name, ids, readonly=request.readonly)
     return api_pb2.SetStreamReadonlyResponse()

@@ -3,7 +3,9 @@
 Liftbridge semantics (reference ``liftbridge-api.md`` §1.5): the brokers list carries the
 address clients should dial (``--host``/``--port``, not the bind address); a requested stream
 that does not exist is an entry with ``UNKNOWN_STREAM``, not an error; an empty request lists
-every stream. Requested consumer groups are reported ``UNKNOWN_GROUP`` until groups exist.
+every stream. A requested consumer group is described by its coordinator and epoch while it
+has members, and reported ``UNKNOWN_GROUP`` otherwise (Liftbridge deletes a group when its last
+member leaves; Flux keeps its positions for describe and reset, but not in metadata).
 
 Every ``PartitionMetadata`` carries all three event-timestamp messages, as Liftbridge's does:
 clients read them unconditionally (Liftbridge.Net converts each one and fails on a missing
@@ -94,12 +96,20 @@ async def fetch_metadata(
                 response.streamMetadata.append(_stream_metadata(broker, live))
     else:
         response.streamMetadata.extend(_stream_metadata(broker, live) for live in streams.streams())
-    for group in dict.fromkeys(request.groups):
-        response.groupMetadata.append(
-            api_pb2.ConsumerGroupMetadata(
-                groupId=group, error=api_pb2.ConsumerGroupMetadata.Error.UNKNOWN_GROUP
+    for group_id in dict.fromkeys(request.groups):
+        state = None if broker.groups is None else broker.groups.group(group_id)
+        if state is None or state.empty:
+            response.groupMetadata.append(
+                api_pb2.ConsumerGroupMetadata(
+                    groupId=group_id, error=api_pb2.ConsumerGroupMetadata.Error.UNKNOWN_GROUP
+                )
             )
-        )
+        else:
+            response.groupMetadata.append(
+                api_pb2.ConsumerGroupMetadata(
+                    groupId=group_id, coordinator=state.coordinator, epoch=state.epoch
+                )
+            )
     return response
 
 

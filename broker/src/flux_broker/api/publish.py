@@ -200,7 +200,7 @@ async def publish_to_subject(
             raise bad_request(str(error)) from None
         check_ack_policy(request.ackPolicy)
         check_ack_inbox(broker, request.ackInbox)
-        check_headers(request.headers)
+        check_headers(request.headers, broker.limits)
         message = api_pb2.Message(
             offset=_NO_EXPECTED_OFFSET,
             key=request.key,

@@ -236,7 +236,11 @@ def _response(
 
 
 async def _commit(
-    log: FileCommitLog, result: AppendResult, request: api_pb2.PublishBatchRequest
+    broker: BrokerContext,
+    log: FileCommitLog,
+    result: AppendResult,
+    request: api_pb2.PublishBatchRequest,
+    received_ns: int,
 ) -> api_pb2.PublishBatchResponse:
     """Wait for durability, move the HW, and build the ack."""
     try:
@@ -246,6 +250,8 @@ async def _commit(
         return _response(request, error=_Failed(entry, text).error)
     with contextlib.suppress(ValueError):  # a truncation raced the commit: nothing to move
         log.set_high_watermark(result.last_offset)
+    if request.ackPolicy != NONE:
+        broker.metrics.publish.acked_batch(request.ackPolicy, received_ns, broker.clock.now_ns())
     return _response(
         request,
         baseOffset=result.base_offset,
@@ -258,6 +264,7 @@ async def _answer(
     broker: BrokerContext, request: api_pb2.PublishBatchRequest
 ) -> asyncio.Future[api_pb2.PublishBatchResponse]:
     """Write one batch; the future of its response (done at once for a refusal)."""
+    received_ns = broker.clock.now_ns()
     try:
         log, outcome = await _write(broker, request)
     except _Failed as failed:
@@ -272,8 +279,9 @@ async def _answer(
                 correlationId=request.correlationId,
                 stream=request.stream,
                 partition=request.partition,
+                ackPolicy=request.ackPolicy,
             )
-            return asyncio.ensure_future(_commit(log, outcome, echoed))
+            return asyncio.ensure_future(_commit(broker, log, outcome, echoed, received_ns))
         outcome_now = outcome
     future: asyncio.Future[api_pb2.PublishBatchResponse] = (
         asyncio.get_running_loop().create_future()

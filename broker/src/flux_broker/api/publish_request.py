@@ -5,8 +5,8 @@ order: stream named (INVALID_ARGUMENT), stream exists (STREAM_NOT_FOUND), partit
 (PARTITION_NOT_FOUND), partition not read-only (READONLY: FAILED_PRECONDITION / asyncError
 READONLY), ``ackPolicy`` is a defined value (proto3 keeps unknown numbers), an OCC
 stream is not published to with policy NONE, a client-chosen ``ackInbox`` is a literal subject
-outside the broker's own inbox space, headers within :data:`HEADERS_MAX` and
-:data:`HEADER_NAME_MAX_BYTES`, and the encoded envelope within ``record_max_bytes``
+outside the broker's own inbox space, headers within the broker's limits (count, name and
+total bytes: :mod:`flux_broker.api.limits`), and the encoded envelope within ``record_max_bytes``
 (``clustering.replication.max.bytes``, MESSAGE_TOO_LARGE): the partition leader would refuse it
 anyway, and NATS refuses payloads over its ``max_payload``. A failed check is a
 :class:`RejectedError`: a status for the unary RPCs, an ``asyncError`` response for
@@ -38,7 +38,9 @@ from typing import Final
 import nats.errors
 
 from flux_broker.api.context import BrokerContext
+from flux_broker.api.limits import HEADER_NAME_MAX_BYTES, MESSAGE_HEADERS_MAX_COUNT, Limits
 from flux_broker.api.status import STORAGE_FAILED_MESSAGE, UNAVAILABLE_MESSAGE, FluxStatus
+from flux_broker.logs import partition_fields
 from flux_broker.metadata import (
     MetadataClosedError,
     MetadataStorageError,
@@ -80,11 +82,8 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Headers one message may carry. The log stores at most 32,765 user headers per record; far
-#: fewer is already abuse, and each one costs the leader work on every read.
-HEADERS_MAX: Final = 1024
-#: Longest header name, in UTF-8 bytes (the log's own bound is 32,767).
-HEADER_NAME_MAX_BYTES: Final = 1024
+#: Headers one message may carry by default (``limits.message.headers.max.count``).
+HEADERS_MAX: Final = MESSAGE_HEADERS_MAX_COUNT
 Code = api_pb2.PublishAsyncError.Code
 AckError = api_pb2.Ack.Error
 NONE: Final = api_pb2.AckPolicy.NONE
@@ -183,7 +182,7 @@ def target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartit
             f"stream {shown(request.stream)} uses optimistic concurrency control: "
             "ackPolicy NONE is not allowed"
         )
-    check_headers(request.headers)
+    check_headers(request.headers, broker.limits)
     return partition
 
 
@@ -206,11 +205,18 @@ async def resume(broker: BrokerContext, partition: LivePartition) -> None:
         except MetadataClosedError:
             raise RejectedError("UNAVAILABLE", Code.INTERNAL, UNAVAILABLE_MESSAGE) from None
         except MetadataStorageError:
-            _logger.exception("publish: could not record the resume of %r", partition.stream)
+            _logger.exception(
+                "publish: could not record the resume of %r",
+                partition.stream,
+                extra=partition_fields(partition.stream, partition.id),
+            )
             raise RejectedError("STORAGE_FAILED", Code.INTERNAL, STORAGE_FAILED_MESSAGE) from None
         except Exception:
             _logger.exception(
-                "publish: could not resume stream %r partition %d", partition.stream, partition.id
+                "publish: could not resume stream %r partition %d",
+                partition.stream,
+                partition.id,
+                extra=partition_fields(partition.stream, partition.id),
             )
             raise RejectedError("INTERNAL", Code.INTERNAL, _RESUME_FAILED_MESSAGE) from None
 
@@ -233,17 +239,11 @@ def check_ack_inbox(broker: BrokerContext, inbox: str) -> None:
         raise bad_request(f"ackInbox {shown(inbox)} is reserved for broker-generated inboxes")
 
 
-def check_headers(headers: Mapping[str, bytes]) -> None:
-    """Reject more than :data:`HEADERS_MAX` headers or a name over the byte limit."""
-    if len(headers) > HEADERS_MAX:
-        raise bad_request(f"{len(headers)} headers, over the limit of {HEADERS_MAX}")
-    for name in headers:
-        size = len(name.encode("utf-8"))
-        if size > HEADER_NAME_MAX_BYTES:
-            raise bad_request(
-                f"header name {shown(name)} is {size} bytes, "
-                f"over the limit of {HEADER_NAME_MAX_BYTES}"
-            )
+def check_headers(headers: Mapping[str, bytes], limits: Limits) -> None:
+    """Reject headers over ``limits``: too many, a name too long, or too many bytes in all."""
+    problem = limits.headers_problem(headers)
+    if problem is not None:
+        raise bad_request(problem)
 
 
 def encoded(message: api_pb2.Message, limit_bytes: int) -> bytes:

@@ -4,11 +4,11 @@ One module per RPC family: :mod:`~flux_broker.api.admin` (CreateStream, DeleteSt
 :mod:`~flux_broker.api.lifecycle` (PauseStream, SetStreamReadonly),
 :mod:`~flux_broker.api.metadata` (FetchMetadata, FetchPartitionMetadata),
 :mod:`~flux_broker.api.publish` (Publish, PublishAsync, PublishToSubject),
-:mod:`~flux_broker.api.publish_batch` (InitProducer, PublishBatch) and
-:mod:`~flux_broker.api.subscribe` (Subscribe, SubscribeBatch). Every method is wrapped by
-:func:`~flux_broker.api.status.guarded`, so whatever it raises ends the call with a status from
-the one error table. RPCs of features that do not exist yet (consumer groups) answer
-UNIMPLEMENTED with reason ``unimplemented``.
+:mod:`~flux_broker.api.publish_batch` (InitProducer, PublishBatch),
+:mod:`~flux_broker.api.subscribe` (Subscribe, SubscribeBatch), :mod:`~flux_broker.api.cursors`
+(SetCursor, FetchCursor) and :mod:`~flux_broker.api.groups` (the consumer-group calls). Every
+method is wrapped by :func:`~flux_broker.api.status.guarded`, so whatever it raises ends the
+call with a status from the one error table.
 """
 
 from __future__ import annotations
@@ -20,21 +20,19 @@ from collections.abc import AsyncIterator
 from flux_broker.api import (
     admin,
     cursors,
+    groups,
     lifecycle,
     metadata,
     publish,
     publish_batch,
+    slow_consumer,
     subscribe,
 )
 from flux_broker.api.context import BrokerContext, ServicerContext
-from flux_broker.api.status import FluxStatus, guarded
+from flux_broker.api.status import guarded
 from flux_proto import api_pb2, api_pb2_grpc
 
 __all__ = ["ApiService"]
-
-
-def _unimplemented(rpc: str) -> FluxStatus:
-    return FluxStatus.from_entry("UNIMPLEMENTED", f"{rpc} is not implemented by this broker yet")
 
 
 class ApiService(api_pb2_grpc.APIServicer):
@@ -99,15 +97,24 @@ class ApiService(api_pb2_grpc.APIServicer):
 
     # -- data path -------------------------------------------------------------------------
 
+    # Subscribe and SubscribeBatch write through the context (grpc.aio accepts a coroutine
+    # that does), so that a write a stalled client blocks can be timed out: see
+    # flux_broker.api.slow_consumer. The stubs only name the iterator forms.
+
     @guarded
-    async def Subscribe(
+    async def Subscribe(  # type: ignore[override]
         self, request: api_pb2.SubscribeRequest, context: ServicerContext
-    ) -> AsyncIterator[api_pb2.Message]:
-        """See :func:`flux_broker.api.subscribe.subscribe`."""
-        messages = subscribe.subscribe(self._broker, request, self.closing)
-        async with contextlib.aclosing(messages):  # the reader closes when the call ends
-            async for message in messages:
-                yield message
+    ) -> None:
+        """See :func:`flux_broker.api.subscribe.subscribe` and :mod:`~.slow_consumer`."""
+        with self._broker.limits.subscription(context.peer()):  # RESOURCE_LIMIT past the cap
+            messages = subscribe.subscribe(self._broker, request, self.closing)
+            await slow_consumer.send_all(  # closes messages (and so the reader) when it ends
+                context,
+                messages,
+                self._broker.slow_consumers,
+                stream=request.stream,
+                partition=request.partition,
+            )
 
     @guarded
     async def Publish(
@@ -155,16 +162,21 @@ class ApiService(api_pb2_grpc.APIServicer):
                 yield response
 
     @guarded
-    async def SubscribeBatch(
+    async def SubscribeBatch(  # type: ignore[override]
         self, request: api_pb2.SubscribeBatchRequest, context: ServicerContext
-    ) -> AsyncIterator[api_pb2.RecordBatch]:
-        """See :func:`flux_broker.api.subscribe.subscribe_batch`."""
-        batches = subscribe.subscribe_batch(self._broker, request, self.closing)
-        async with contextlib.aclosing(batches):
-            async for batch in batches:
-                yield batch
+    ) -> None:
+        """See :func:`flux_broker.api.subscribe.subscribe_batch` and :mod:`~.slow_consumer`."""
+        with self._broker.limits.subscription(context.peer()):  # RESOURCE_LIMIT past the cap
+            batches = subscribe.subscribe_batch(self._broker, request, self.closing)
+            await slow_consumer.send_all(
+                context,
+                batches,
+                self._broker.slow_consumers,
+                stream=request.subscribe.stream,
+                partition=request.subscribe.partition,
+            )
 
-    # -- cursors and consumer groups (later issues) ----------------------------------------
+    # -- cursors and consumer groups ---------------------------------------------------------
 
     @guarded
     async def SetCursor(
@@ -184,26 +196,59 @@ class ApiService(api_pb2_grpc.APIServicer):
     async def JoinConsumerGroup(
         self, request: api_pb2.JoinConsumerGroupRequest, context: ServicerContext
     ) -> api_pb2.JoinConsumerGroupResponse:
-        """Not implemented yet."""
-        raise _unimplemented("JoinConsumerGroup")
+        """See :func:`flux_broker.api.groups.join_group`."""
+        return await groups.join_group(self._broker, request)
 
     @guarded
     async def LeaveConsumerGroup(
         self, request: api_pb2.LeaveConsumerGroupRequest, context: ServicerContext
     ) -> api_pb2.LeaveConsumerGroupResponse:
-        """Not implemented yet."""
-        raise _unimplemented("LeaveConsumerGroup")
+        """See :func:`flux_broker.api.groups.leave_group`."""
+        return await groups.leave_group(self._broker, request)
 
     @guarded
     async def FetchConsumerGroupAssignments(
         self, request: api_pb2.FetchConsumerGroupAssignmentsRequest, context: ServicerContext
     ) -> api_pb2.FetchConsumerGroupAssignmentsResponse:
-        """Not implemented yet."""
-        raise _unimplemented("FetchConsumerGroupAssignments")
+        """See :func:`flux_broker.api.groups.fetch_assignments`."""
+        return await groups.fetch_assignments(self._broker, request)
 
     @guarded
     async def ReportConsumerGroupCoordinator(
         self, request: api_pb2.ReportConsumerGroupCoordinatorRequest, context: ServicerContext
     ) -> api_pb2.ReportConsumerGroupCoordinatorResponse:
-        """Not implemented yet."""
-        raise _unimplemented("ReportConsumerGroupCoordinator")
+        """See :func:`flux_broker.api.groups.report_coordinator`."""
+        return await groups.report_coordinator(self._broker, request)
+
+    # -- consumer groups (Flux) -------------------------------------------------------------
+
+    @guarded
+    async def WatchConsumerGroupAssignments(
+        self, request: api_pb2.WatchConsumerGroupAssignmentsRequest, context: ServicerContext
+    ) -> AsyncIterator[api_pb2.ConsumerGroupAssignmentUpdate]:
+        """See :func:`flux_broker.api.groups.watch_assignments`."""
+        updates = groups.watch_assignments(self._broker, request, self.closing)
+        async with contextlib.aclosing(updates):
+            async for update in updates:
+                yield update
+
+    @guarded
+    async def DescribeConsumerGroup(
+        self, request: api_pb2.DescribeConsumerGroupRequest, context: ServicerContext
+    ) -> api_pb2.DescribeConsumerGroupResponse:
+        """See :func:`flux_broker.api.groups.describe_group`."""
+        return await groups.describe_group(self._broker, request)
+
+    @guarded
+    async def ListConsumerGroups(
+        self, request: api_pb2.ListConsumerGroupsRequest, context: ServicerContext
+    ) -> api_pb2.ListConsumerGroupsResponse:
+        """See :func:`flux_broker.api.groups.list_groups`."""
+        return await groups.list_groups(self._broker, request)
+
+    @guarded
+    async def ResetConsumerGroupPositions(
+        self, request: api_pb2.ResetConsumerGroupPositionsRequest, context: ServicerContext
+    ) -> api_pb2.ResetConsumerGroupPositionsResponse:
+        """See :func:`flux_broker.api.groups.reset_positions`."""
+        return await groups.reset_positions(self._broker, request)

@@ -20,6 +20,7 @@ error of its own is raised as :class:`FluxStatus`. :func:`status_for` picks the 
     RecordTooLargeError, BatchTooLargeError        MESSAGE_TOO_LARGE     INVALID_ARGUMENT
     OffsetOutOfRangeError                          OFFSET_OUT_OF_RANGE   OUT_OF_RANGE
     LogClosedError, MetadataClosedError            UNAVAILABLE           UNAVAILABLE
+    DiskFullError                                  DISK_FULL             RESOURCE_EXHAUSTED
     LogWriteError, MetadataStorageError            STORAGE_FAILED        UNAVAILABLE
     CorruptRecordError                             CORRUPT_RECORD        INTERNAL
     anything else                                  INTERNAL              INTERNAL
@@ -45,9 +46,21 @@ from typing import Any, Final, NoReturn, Self, TypeVar, cast, overload
 
 import grpc
 
+from flux_broker.groups.errors import (
+    GroupAssignorMismatchError,
+    GroupEpochMismatchError,
+    GroupFencedError,
+    GroupNotEmptyError,
+    GroupNotFoundError,
+    GroupsFullError,
+    NotCoordinatorError,
+    NotGroupMemberError,
+    NotPartitionOwnerError,
+)
 from flux_broker.log.errors import (
     BatchTooLargeError,
     CorruptRecordError,
+    DiskFullError,
     InvalidBatchError,
     LogClosedError,
     LogWriteError,
@@ -67,6 +80,7 @@ from flux_broker.streams.producers import DuplicateSequenceError, OutOfOrderSequ
 from flux_proto.errors import REASON_METADATA_KEY, ErrorEntry, by_name
 
 __all__ = [
+    "DISK_FULL_MESSAGE",
     "INTERNAL_MESSAGE",
     "STORAGE_FAILED_MESSAGE",
     "UNAVAILABLE_MESSAGE",
@@ -84,6 +98,10 @@ INTERNAL_MESSAGE: Final = "internal broker error; the broker log has the details
 UNAVAILABLE_MESSAGE: Final = "the broker is shutting down; retry on another broker"
 #: Text of the UNAVAILABLE status when storage refused a write (the cause is logged).
 STORAGE_FAILED_MESSAGE: Final = "the broker could not write to its storage; nothing was written"
+#: Text of the RESOURCE_EXHAUSTED status when the disk is full.
+DISK_FULL_MESSAGE: Final = (
+    "the broker's disk is full; nothing was written. Retry later: writes resume once space is freed"
+)
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _Unary = TypeVar("_Unary", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -188,11 +206,24 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(LogClosedError, by_name("UNAVAILABLE"), UNAVAILABLE_MESSAGE),
     _Rule(MetadataClosedError, by_name("UNAVAILABLE"), UNAVAILABLE_MESSAGE),
     # A full disk fails cleanly and writes resume once space is freed (DESIGN §4.1): retriable.
+    # gRPC's code for "the file system is out of space"; retriable. The log says it once per
+    # run of failures (flux_broker.log.commitlog), not once per refused batch.
+    _Rule(DiskFullError, by_name("DISK_FULL"), DISK_FULL_MESSAGE),
     _Rule(LogWriteError, by_name("STORAGE_FAILED"), STORAGE_FAILED_MESSAGE, logged=True),
     _Rule(MetadataStorageError, by_name("STORAGE_FAILED"), STORAGE_FAILED_MESSAGE, logged=True),
     # Liftbridge answers a failed read with Internal, which its clients resubscribe on (a
     # healthy replica may lead by then); DATA_LOSS would stop Go clients and stall gufo 30 s.
     _Rule(CorruptRecordError, by_name("CORRUPT_RECORD"), _corrupt_record_text, logged=True),
+    # Consumer groups: Liftbridge's codes (NotFound, FailedPrecondition), one reason each.
+    _Rule(GroupNotFoundError, by_name("GROUP_NOT_FOUND")),
+    _Rule(NotGroupMemberError, by_name("NOT_GROUP_MEMBER")),
+    _Rule(GroupEpochMismatchError, by_name("GROUP_EPOCH_MISMATCH")),
+    _Rule(NotCoordinatorError, by_name("NOT_COORDINATOR")),
+    _Rule(NotPartitionOwnerError, by_name("NOT_PARTITION_OWNER")),
+    _Rule(GroupFencedError, by_name("GROUP_FENCED")),
+    _Rule(GroupNotEmptyError, by_name("GROUP_NOT_EMPTY")),
+    _Rule(GroupAssignorMismatchError, by_name("GROUP_ASSIGNOR_MISMATCH")),
+    _Rule(GroupsFullError, by_name("RESOURCE_LIMIT")),
 )
 
 

@@ -11,7 +11,9 @@ rules of DESIGN.md §4::
 fields (``readISRReplica`` with a consumer, or a consumer without ``consumerId`` or
 ``groupId``: INVALID_ARGUMENT), the partition (NOT_FOUND "No such partition"), the start and
 stop positions (values proto3 passes through but the enums do not name: INVALID_ARGUMENT),
-then consumer groups themselves (UNIMPLEMENTED until they exist). ``readISRReplica`` alone is
+then the group's slot of the partition (epoch fencing, :func:`_group_slot`: an older epoch
+than the current group subscriber's is GROUP_FENCED, FAILED_PRECONDITION; an equal or newer
+one ends that subscriber with GROUP_FENCED and takes its place). ``readISRReplica`` alone is
 accepted (this broker leads every partition it holds).
 
 **Paused partitions**: with ``resume`` the partition is resumed first (every paused partition
@@ -69,7 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -82,7 +84,7 @@ from flux_broker.log.errors import LogClosedError
 from flux_broker.log.format import HEADER, HEADER_BYTES, Record
 from flux_broker.log.reader import ForwardReader
 from flux_broker.streams.delivery import record_to_message
-from flux_broker.streams.live import LivePartition
+from flux_broker.streams.live import LivePartition, Subscriber
 from flux_proto import api_pb2
 
 __all__ = [
@@ -181,10 +183,6 @@ def _find_partition(broker: BrokerContext, request: api_pb2.SubscribeRequest) ->
     if partition is None:
         raise FluxStatus.from_entry("PARTITION_NOT_FOUND")
     _check_positions(request)
-    if request.HasField("consumer"):
-        raise FluxStatus.from_entry(
-            "UNIMPLEMENTED", "consumer groups are not implemented by this broker yet"
-        )
     return partition
 
 
@@ -404,6 +402,7 @@ def _cut(batch: RecordBatch, start: int, stop: _Stop) -> tuple[RecordBatch | Non
 async def _deliver(
     partition: LivePartition,
     reader: ForwardReader,
+    subscriber: Subscriber,
     *,
     start: int,
     stop: _Stop,
@@ -422,6 +421,7 @@ async def _deliver(
     )
     async with contextlib.aclosing(batches):
         async for batch in batches:
+            subscriber.sent(batch)
             for record in batch.records():
                 yield record_to_message(record, partition.stream, partition.id, partition.subject)
 
@@ -447,10 +447,19 @@ async def subscribe(
     """
     partition, pauses, start, stop, reader = await _open(broker, request, closing)
     try:
-        with partition.subscription():
+        with (
+            partition.subscription(start) as subscriber,
+            _group_slot(broker, request, partition, closing) as ending,
+        ):
             yield api_pb2.Message()
             messages = _deliver(
-                partition, reader, start=start, stop=stop, closing=closing, clock=broker.clock
+                partition,
+                reader,
+                subscriber,
+                start=start,
+                stop=stop,
+                closing=ending,
+                clock=broker.clock,
             )
             async with contextlib.aclosing(messages):
                 async for message in messages:
@@ -459,6 +468,48 @@ async def subscribe(
         raise _log_closed(partition, closing, pauses) from None
     finally:
         reader.close()
+
+
+@contextlib.contextmanager
+def _group_slot(
+    broker: BrokerContext,
+    request: api_pb2.SubscribeRequest,
+    partition: LivePartition,
+    closing: asyncio.Event,
+) -> Iterator[asyncio.Event]:
+    """Hold the partition's slot of a consumer-group subscription (epoch fencing).
+
+    Yields the event that ends the subscription: ``closing`` for a plain subscription; for a
+    group one, also set when a subscription of the same group with an equal or newer epoch
+    takes the slot, which then ends this one with GROUP_FENCED (FAILED_PRECONDITION).
+
+    Raises:
+        GroupFencedError: The slot is held with a newer epoch (before the handshake).
+    """
+    if not request.HasField("consumer"):
+        yield closing
+        return
+    if broker.groups is None:
+        raise _shutting_down()
+    consumer = request.consumer
+    with broker.groups.subscriptions.hold(
+        group=consumer.groupId,
+        consumer=consumer.consumerId,
+        epoch=consumer.groupEpoch,
+        stream=partition.stream,
+        partition=partition.id,
+        closing=closing,
+    ) as slot:
+        try:
+            yield slot.ending
+        except FluxStatus as status:
+            if slot.replaced and status.entry.name == "UNAVAILABLE":
+                raise FluxStatus.from_entry(
+                    "GROUP_FENCED",
+                    "a subscription of the same consumer group with an equal or newer epoch "
+                    "took this partition",
+                ) from None
+            raise
 
 
 async def _open(
@@ -491,14 +542,17 @@ async def subscribe_batch(
 
     Raises:
         FluxStatus: As :func:`subscribe`, but never STOP_REACHED; INVALID_ARGUMENT for a
-            negative ``maxBytes``; UNIMPLEMENTED for a consumer-group subscription.
+            negative ``maxBytes``.
     """
     if request.maxBytes < 0:
         raise _invalid(f"maxBytes {request.maxBytes} is negative: use 0 for the default")
     budget_bytes = min(request.maxBytes or SUBSCRIBE_BATCH_DEFAULT_BYTES, SUBSCRIBE_BATCH_MAX_BYTES)
     partition, pauses, start, stop, reader = await _open(broker, request.subscribe, closing)
     try:
-        with partition.subscription():
+        with (
+            partition.subscription(start) as subscriber,
+            _group_slot(broker, request.subscribe, partition, closing) as ending,
+        ):
             yield api_pb2.RecordBatch(
                 firstOffset=-1, lastOffset=-1, highWatermark=partition.high_watermark
             )
@@ -507,12 +561,13 @@ async def subscribe_batch(
                 reader,
                 start=start,
                 stop=stop,
-                closing=closing,
+                closing=ending,
                 clock=broker.clock,
                 budget_bytes=budget_bytes,
             )
             async with contextlib.aclosing(batches):
                 async for batch in batches:
+                    subscriber.sent(batch)
                     yield api_pb2.RecordBatch(
                         records=batch.data,
                         recordCount=batch.count,

@@ -25,8 +25,14 @@ from flux_broker.clock import Clock, SystemClock
 from flux_broker.log import checkpoint
 from flux_broker.log.cleaner import Cleaner
 from flux_broker.log.config import LogConfig, SyncPolicy
-from flux_broker.log.contract import AppendGuard, AppendResult
-from flux_broker.log.errors import BatchTooLargeError, CorruptRecordError, LogClosedError
+from flux_broker.log.contract import AppendGuard, AppendResult, Traffic
+from flux_broker.log.errors import (
+    BatchTooLargeError,
+    CorruptRecordError,
+    LogClosedError,
+    LogWriteError,
+    write_failed,
+)
 from flux_broker.log.format import (
     INDEX_ENTRY_BYTES,
     NewRecord,
@@ -68,6 +74,8 @@ class FileCommitLog:
         self.segments = segments
         self._bases = [segment.base_offset for segment in segments]
         self.stats = LogStats()
+        #: Every record written, counted per batch; the owner may share one across reopens.
+        self.written = Traffic()
         self.closed = False
         self._high_watermark = -1
         self._leader_epoch = 0
@@ -94,6 +102,7 @@ class FileCommitLog:
         self._cleaner: Cleaner | None = None
         self._checkpointed_hw: int | None = None
         self._append_lock = asyncio.Lock()
+        self._write_failing = False  # the last append failed (logged once per run)
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -305,29 +314,68 @@ class FileCommitLog:
     def _write(
         self, data: bytearray, entries: bytes, count: int, at: Placement, roll: bool
     ) -> AppendResult:
-        if roll:
-            self._roll()
         last_offset = at.base_offset + count - 1
-        if at.leader_epoch > self.epochs.latest_epoch:
-            # Before the write, as Kafka does: after a crash, recovery drops entries past the
-            # log's end, but could not restore one that was never written.
-            self.epochs.assign(at.leader_epoch, at.base_offset)
-        self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
+        try:
+            if roll:
+                self._roll()
+            if at.leader_epoch > self.epochs.latest_epoch:
+                # Before the write, as Kafka does: after a crash, recovery drops entries past
+                # the log's end, but could not restore one that was never written.
+                try:
+                    self.epochs.assign(at.leader_epoch, at.base_offset)
+                except OSError as exc:
+                    raise write_failed(f"epoch checkpoint of {self.directory}", exc) from exc
+            self.segments[-1].append(data, entries, last_offset + 1, at.timestamp_ns)
+        except LogWriteError as error:
+            self._note_write_failure(error)
+            raise
+        if self._write_failing:
+            self._write_failing = False
+            _log.info("%s: appends succeed again", self.directory)
         self._last_timestamp_ns = at.timestamp_ns
+        written = self.written
+        written.records += count
+        written.bytes += len(data)
         self._syncer.note_write()
         self._uncommitted_event.set()
         self._uncommitted_event = asyncio.Event()
         return AppendResult(at.base_offset, last_offset, at.timestamp_ns)
 
+    def _note_write_failure(self, error: LogWriteError) -> None:
+        """Count a failed append; log the first of a run of them (a full disk fails many)."""
+        self.stats.write_failures += 1
+        if not self._write_failing:
+            self._write_failing = True
+            _log.warning(
+                "%s: %s; nothing of the batch was kept, and appends fail until the cause is "
+                "gone (free space, for a full disk); reads go on",
+                self.directory,
+                error,
+            )
+
     def _roll(self) -> None:
-        """Seal the active segment and start a new one at the next offset."""
+        """Seal the active segment and start a new one at the next offset.
+
+        Raises:
+            LogWriteError: A file could not be written, synced or created (a full disk); the
+                log is as it was, and no file of the new segment is left behind.
+        """
         old = self.segments[-1]
-        if self.config.sync_policy is not SyncPolicy.NEVER:
-            # Its data must not wait for a sync of the new file; its index is sealed for good.
-            os.fdatasync(old.log_fd())
-            os.fsync(old.index.fileno())
-        new = self._new_segment(old.next_offset)
-        checkpoint.fsync_dir(self.directory)
+        try:
+            old.index.flush()  # sealing writes nothing after this, so it cannot fail halfway
+            if self.config.sync_policy is not SyncPolicy.NEVER:
+                # Its data must not wait for a sync of the new file; its index is sealed for
+                # good.
+                os.fdatasync(old.log_fd())
+                os.fsync(old.index.fileno())
+            new = self._new_segment(old.next_offset)
+        except OSError as exc:
+            raise write_failed(f"roll of {self.directory}", exc) from exc
+        try:
+            checkpoint.fsync_dir(self.directory)
+        except OSError as exc:
+            new.discard()
+            raise write_failed(f"roll of {self.directory}", exc) from exc
         old.seal()
         self.segments.append(new)
         self._bases.append(new.base_offset)

@@ -26,7 +26,22 @@ from typing import Protocol
 
 from flux_broker.log.format import NewRecord, Record, iter_decode
 
-__all__ = ["AppendGuard", "AppendResult", "CommitLog", "LogReader", "RecordBatch"]
+__all__ = ["AppendGuard", "AppendResult", "CommitLog", "LogReader", "RecordBatch", "Traffic"]
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Records and their bytes (as stored: framed) that passed one point, for the metrics.
+
+    Writers add whole batches, never one record at a time: two additions per batch.
+
+    Attributes:
+        records: How many records.
+        bytes: Their framed size in bytes.
+    """
+
+    records: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

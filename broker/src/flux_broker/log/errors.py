@@ -9,6 +9,7 @@
     ├── BatchTooLargeError        a batch exceeds the batch byte limit
     ├── InvalidBatchError         a client-framed batch is malformed (``index`` = first bad record)
     ├── LogWriteError             the write failed (e.g. disk full); the log is unchanged
+    │   └── DiskFullError         ... because the filesystem is full (ENOSPC, EDQUOT)
     └── CorruptRecordError        a stored record failed its CRC or length checks on read
 
 Everything but :class:`CorruptRecordError` is raised before the log changes: a failed append
@@ -17,18 +18,25 @@ leaves no partial record on disk.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from typing import Final
 
 __all__ = [
     "BatchTooLargeError",
     "CorruptRecordError",
+    "DiskFullError",
     "InvalidBatchError",
     "LogClosedError",
     "LogError",
     "LogWriteError",
     "OffsetOutOfRangeError",
     "RecordTooLargeError",
+    "write_failed",
 ]
+
+#: The errnos of a full filesystem: no space left, or the user's quota used up.
+_DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class LogError(Exception):
@@ -100,6 +108,21 @@ class InvalidBatchError(LogError):
 
 class LogWriteError(LogError):
     """Writing to the log failed (for example, the disk is full); nothing was appended."""
+
+
+class DiskFullError(LogWriteError):
+    """The filesystem is full; nothing was appended, and appends work again once space is freed."""
+
+
+def write_failed(what: str, cause: OSError) -> LogWriteError:
+    """The error for a failed write: :class:`DiskFullError` when ``cause`` says the disk is full.
+
+    Args:
+        what: What failed, for the broker log (it may name files; clients never see it).
+        cause: The ``OSError`` the write raised.
+    """
+    error_type = DiskFullError if cause.errno in _DISK_FULL_ERRNOS else LogWriteError
+    return error_type(f"{what} failed: {cause}")
 
 
 class CorruptRecordError(LogError):

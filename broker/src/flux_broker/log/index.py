@@ -11,6 +11,7 @@ older than the previous one), which is what makes both searches valid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -70,17 +71,38 @@ class IndexFile:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending entries."""
+        """Write the pending entries.
+
+        Raises:
+            OSError: The write failed (a full disk); the file is cut back to the entries
+                written before, and the pending ones stay pending, whole.
+        """
         if self._pending:
-            _write_all(self._fd, self._pending)
+            try:
+                _write_all(self._fd, self._pending)
+            except OSError:
+                # Part of the entries may have reached the file: cut them, or the next flush
+                # would append them again after the part and shift every later entry.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._written * INDEX_ENTRY_BYTES)
+                raise
             self._pending.clear()
             self._written = self.count
 
     def truncate(self, count: int) -> None:
-        """Keep only the first ``count`` entries."""
-        self.flush()
-        os.ftruncate(self._fd, count * INDEX_ENTRY_BYTES)
-        self.count = self._written = count
+        """Keep only the first ``count`` entries.
+
+        Writes nothing (pending entries past ``count`` are dropped, not flushed first), so it
+        works on a full disk too: it is how a failed append takes its entries back.
+        """
+        if count >= self._written:
+            del self._pending[(count - self._written) * INDEX_ENTRY_BYTES :]
+        else:
+            self._pending.clear()
+            self._written = count
+        # Also drops whatever a failed flush left past the entries written.
+        os.ftruncate(self._fd, self._written * INDEX_ENTRY_BYTES)
+        self.count = count
 
     def entry(self, i: int) -> IndexEntry:
         """Return entry ``i`` (0-based)."""

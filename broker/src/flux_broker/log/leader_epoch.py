@@ -75,6 +75,7 @@ class LeaderEpochCache:
         ignored with a warning (they can only come from a bug or a stale leader). If the
         latest epoch wrote nothing (same start offset), its entry is replaced.
         """
+        before = list(self._entries)
         if self._entries:
             latest = self._entries[-1]
             if epoch <= latest.epoch:
@@ -92,7 +93,12 @@ class LeaderEpochCache:
             if start_offset == latest.start_offset:
                 self._entries.pop()
         self._entries.append(EpochEntry(epoch, start_offset))
-        self.flush()
+        try:
+            self.flush()
+        except OSError:
+            # Not on disk, so not assigned: the next append assigns it again (a full disk).
+            self._entries = before
+            raise
         return True
 
     def end_offset_for_epoch(self, epoch: int, log_end_offset: int) -> tuple[int, int]:

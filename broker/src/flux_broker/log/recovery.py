@@ -42,14 +42,20 @@ class LogStats:
     Attributes:
         corrupt_records: Reads that stopped at a record failing its checks.
         torn_tail_recoveries: Opens that cut a torn or corrupt tail off the active segment.
+        cut_bytes: The bytes those cuts removed.
+        corrupt_segments: Sealed segments recovery found corrupt (reads stop there).
         index_rebuilds: Indexes rebuilt from their log at open.
         rolls: Segments rolled.
+        write_failures: Appends the disk refused (nothing of them was kept).
     """
 
     corrupt_records: int = 0
     torn_tail_recoveries: int = 0
+    cut_bytes: int = 0
+    corrupt_segments: int = 0
     index_rebuilds: int = 0
     rolls: int = 0
+    write_failures: int = 0
 
 
 def _is_empty_segment(directory: Path, base: int) -> bool:
@@ -115,6 +121,8 @@ def recover(directory: Path) -> tuple[list[Segment], int, LogStats, LeaderEpochC
         segment = Segment.recover(directory, base, active=active, trust=clean or not active)
         stats.index_rebuilds += segment.rebuilt_index
         stats.torn_tail_recoveries += segment.cut_bytes > 0
+        stats.cut_bytes += segment.cut_bytes
+        stats.corrupt_segments += segment.corrupt_from is not None
         if segments and segment.base_offset < segments[-1].next_offset:
             _log.error(
                 "%s: segment %d overlaps its predecessor; ignoring the log beyond it",

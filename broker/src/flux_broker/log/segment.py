@@ -13,6 +13,7 @@ or corrupt tail is cut off; in a sealed one the first bad record is remembered
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from flux_broker.log.errors import CorruptRecordError, LogWriteError
+from flux_broker.log.errors import CorruptRecordError, write_failed
 from flux_broker.log.format import (
     BODY_SIZE_AT,
     CRC,
@@ -137,6 +138,15 @@ def scan(fd: int, base_offset: int, file_size: int, *, dense: bool = True) -> Sc
         position += record_bytes
     result.end_position = position
     return result
+
+
+def _write_rest(fd: int, rest: memoryview) -> None:
+    """Write what a short write left, raising the ``OSError`` that stops it."""
+    while rest:
+        written = os.write(fd, rest)
+        if written == 0:
+            raise OSError(errno.EIO, "write wrote nothing")
+        rest = rest[written:]
 
 
 def _refill(fd: int, position: int, file_size: int, at_least: int) -> tuple[bytes, int]:
@@ -270,7 +280,12 @@ class Segment:
 
     @classmethod
     def create(cls, directory: Path, base_offset: int) -> Segment:
-        """Create the empty files of a new active segment (the caller fsyncs the directory)."""
+        """Create the empty files of a new active segment (the caller fsyncs the directory).
+
+        Raises:
+            OSError: A file could not be created (a full disk, say); whatever was created is
+                removed again, so a later attempt starts from nothing.
+        """
         segment = cls(
             directory,
             base_offset,
@@ -280,11 +295,22 @@ class Segment:
             last_timestamp_ns=None,
         )
         os.close(os.open(segment.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        segment.index_path.unlink(missing_ok=True)
-        IndexFile.write_new(segment.index_path, b"").close()
-        segment.active = True
-        segment.open_handles()
+        try:
+            segment.index_path.unlink(missing_ok=True)
+            IndexFile.write_new(segment.index_path, b"").close()
+            segment.active = True
+            segment.open_handles()
+        except OSError:
+            segment.discard()
+            raise
         return segment
+
+    def discard(self) -> None:
+        """Remove a segment that never held a record, as far as possible (never raises)."""
+        try:
+            self.delete_files()
+        except OSError:
+            _log.exception("%s: could not remove an unused segment", self.log_path)
 
     @classmethod
     def recover(cls, directory: Path, base_offset: int, *, active: bool, trust: bool) -> Segment:
@@ -400,23 +426,29 @@ class Segment:
         """Append a framed batch with one write, then its index entries.
 
         Raises:
-            LogWriteError: The write failed; the log file is cut back to its previous size so
-                no partial record remains, and nothing in memory changed.
+            LogWriteError: The write failed (:class:`DiskFullError` when the filesystem is
+                full); the log file and the index are cut back to their previous sizes so no
+                partial record or entry remains, and nothing in memory changed.
         """
         fd = self.log_fd()
         try:
             written = os.write(fd, data)
             if written != len(data):
-                raise OSError(f"short write: {written} of {len(data)} bytes")
+                # A short write is how a filling disk first shows; writing the rest tells
+                # why (ENOSPC, EDQUOT, EFBIG), or succeeds if space came back meanwhile.
+                _write_rest(fd, memoryview(data)[written:])
         except OSError as exc:
             self._cut_back(fd)
-            raise LogWriteError(f"append to {self.log_path} failed: {exc}") from exc
+            raise write_failed(f"append to {self.log_path}", exc) from exc
         try:
             self.index.append(entries)
         except OSError as exc:
             self._cut_back(fd)
-            self.index.truncate(self.records)
-            raise LogWriteError(f"index append to {self.index_path} failed: {exc}") from exc
+            try:
+                self.index.truncate(self.records)
+            except OSError:
+                _log.exception("%s: could not cut a failed index append back", self.index_path)
+            raise write_failed(f"index append to {self.index_path}", exc) from exc
         if self.verified_bytes == self.size_bytes:
             self.verified_bytes += len(data)  # framed or checked before the write
         self.records += len(entries) // INDEX_ENTRY_BYTES

@@ -34,7 +34,10 @@ from flux_broker.metadata.commands import (
     Command,
     CreateStream,
     DeleteStream,
+    GroupJoined,
+    GroupLeft,
     PauseStream,
+    PutConsumerGroup,
     ResumeStream,
     SetStreamReadonly,
 )
@@ -56,6 +59,8 @@ class ActivityOp(enum.Enum):
     PAUSE_STREAM = "pause_stream"
     RESUME_STREAM = "resume_stream"
     SET_STREAM_READONLY = "set_stream_readonly"
+    JOIN_CONSUMER_GROUP = "join_consumer_group"
+    LEAVE_CONSUMER_GROUP = "leave_consumer_group"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,10 @@ class ActivityEvent:
         partitions: The partition ids it touched (all of them for create, none for delete).
         resume_all: For ``PAUSE_STREAM``: the pause's ``resumeAll``.
         readonly: For ``SET_STREAM_READONLY``: the flag's new value.
+        group: For the group ops: the group id (``stream`` is then empty).
+        consumer: For the group ops: the consumer id.
+        streams: For ``JOIN_CONSUMER_GROUP``: the streams the consumer reads.
+        expired: For ``LEAVE_CONSUMER_GROUP``: removed for missing its heartbeats.
     """
 
     id: int
@@ -77,6 +86,10 @@ class ActivityEvent:
     partitions: tuple[int, ...] = ()
     resume_all: bool = False
     readonly: bool = False
+    group: str = ""
+    consumer: str = ""
+    streams: tuple[str, ...] = ()
+    expired: bool = False
 
     def detail(self) -> str:
         """The JSON stored in the ``detail`` column."""
@@ -86,6 +99,10 @@ class ActivityEvent:
                 "partitions": list(self.partitions),
                 "resume_all": self.resume_all,
                 "readonly": self.readonly,
+                "group": self.group,
+                "consumer": self.consumer,
+                "streams": list(self.streams),
+                "expired": self.expired,
             },
             separators=(",", ":"),
         )
@@ -101,6 +118,11 @@ class ActivityEvent:
             partitions=tuple(int(p) for p in fields["partitions"]),
             resume_all=bool(fields["resume_all"]),
             readonly=bool(fields["readonly"]),
+            # Rows written before consumer groups existed lack these keys.
+            group=str(fields.get("group", "")),
+            consumer=str(fields.get("consumer", "")),
+            streams=tuple(str(s) for s in fields.get("streams", ())),
+            expired=bool(fields.get("expired", False)),
         )
 
 
@@ -144,7 +166,25 @@ async def record_event(
                 partitions,
                 readonly=command.readonly,
             )
-        case ActivityPublished():
+        case PutConsumerGroup(state=state, event=GroupJoined(consumer=consumer, streams=streams)):
+            event = ActivityEvent(
+                index,
+                ActivityOp.JOIN_CONSUMER_GROUP,
+                "",
+                group=state.group_id,
+                consumer=consumer,
+                streams=streams,
+            )
+        case PutConsumerGroup(state=state, event=GroupLeft(consumer=consumer, expired=expired)):
+            event = ActivityEvent(
+                index,
+                ActivityOp.LEAVE_CONSUMER_GROUP,
+                "",
+                group=state.group_id,
+                consumer=consumer,
+                expired=expired,
+            )
+        case PutConsumerGroup() | ActivityPublished():
             return
     await db.execute(_INSERT, (event.id, event.op.value, event.detail()))
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from flux_broker.groups.assignor import ASSIGNORS
+from flux_broker.groups.state import GroupState
 from flux_broker.metadata.config import INT32_MAX, INT64_MAX, StreamConfig
 from flux_broker.metadata.errors import InvalidCommandError
 
@@ -23,8 +25,11 @@ __all__ = [
     "Command",
     "CreateStream",
     "DeleteStream",
+    "GroupJoined",
+    "GroupLeft",
     "PartitionAssignment",
     "PauseStream",
+    "PutConsumerGroup",
     "ResumeStream",
     "SetStreamReadonly",
 ]
@@ -264,9 +269,73 @@ class ActivityPublished:
         _check_int("through_id", self.through_id, 1, INT64_MAX)
 
 
-#: Every metadata command. Later commands (leader and ISR changes, groups) join this union.
+@dataclass(frozen=True, slots=True)
+class GroupJoined:
+    """A consumer joined a group (for the activity stream's ``JOIN_CONSUMER_GROUP``)."""
+
+    consumer: str
+    streams: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLeft:
+    """A consumer left a group, or was removed (``expired``) for missing its heartbeats."""
+
+    consumer: str
+    expired: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutConsumerGroup:
+    """Store a consumer group's new state, computed by :mod:`flux_broker.groups.state`.
+
+    The command carries the whole state rather than the operation (join, leave, a finished
+    revocation), so applying it needs no clock or assignor and gives the same rows on every
+    broker. It must be applied at the index equal to ``state.epoch``: a group's epoch *is* the
+    metadata index of its latest change (as Liftbridge uses its Raft index), which is how
+    epochs only grow, across groups emptied and joined again too.
+
+    Attributes:
+        state: The group after the change.
+        event: The membership change, for the activity stream; ``None`` for other changes.
+    """
+
+    state: GroupState
+    event: GroupJoined | GroupLeft | None = None
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: An empty id, an unknown assignor, an epoch out of range, an
+                owner that is not a member, or a member without streams.
+        """
+        state = self.state
+        _check_text("group_id", state.group_id)
+        _check_text("coordinator", state.coordinator)
+        if state.assignor not in ASSIGNORS:
+            raise InvalidCommandError("assignor", f"{state.assignor!r} is not an assignor")
+        _check_int("epoch", state.epoch, 1, INT64_MAX)
+        for consumer, streams in state.members.items():
+            _check_text("consumer", consumer)
+            if not streams:
+                raise InvalidCommandError("members", f"{consumer!r} reads no stream")
+        for (stream, partition), own in state.owners.items():
+            _check_text("stream", stream)
+            _check_int("partition", partition, 0, INT32_MAX)
+            if own.owner not in state.members:
+                raise InvalidCommandError("owners", f"{own.owner!r} is not a member")
+
+
+#: Every metadata command. Later commands (leader and ISR changes) join this union.
 Command: TypeAlias = (
-    CreateStream | DeleteStream | PauseStream | ResumeStream | SetStreamReadonly | ActivityPublished
+    CreateStream
+    | DeleteStream
+    | PauseStream
+    | ResumeStream
+    | SetStreamReadonly
+    | ActivityPublished
+    | PutConsumerGroup
 )
 
 

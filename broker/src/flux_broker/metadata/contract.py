@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from flux_broker.groups.state import GroupState
 from flux_broker.metadata.activity import ActivityEvent
 from flux_broker.metadata.commands import Command
 from flux_broker.metadata.config import StreamConfig
@@ -172,6 +173,15 @@ class MetadataStore(Protocol):
 
         Raises:
             MetadataStorageError: SQLite failed.
+            MetadataClosedError: The store is closed.
+        """
+        ...
+
+    async def list_groups(self) -> tuple[GroupState, ...]:
+        """Every consumer group stored (including groups whose last member left), by id.
+
+        Raises:
+            MetadataStorageError: The store failed.
             MetadataClosedError: The store is closed.
         """
         ...

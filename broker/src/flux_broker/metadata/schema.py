@@ -29,6 +29,9 @@ Version 3 (activity outbox)::
     activity_outbox     id PK (the metadata index of the command it reports), op, detail
                         (JSON object); see :mod:`flux_broker.metadata.activity`
 
+Version 4 (consumer groups): ``consumer_groups``, ``consumer_group_members`` and
+``consumer_group_owners``; see :mod:`flux_broker.metadata.groups`.
+
 Replicas are rows rather than a list in a column so the database itself guarantees what the
 rest of the broker relies on: replica ids are unique, the ISR is a subset of the replicas (it
 is a flag on them) and the leader is one of them (a foreign key checked at commit).
@@ -50,6 +53,7 @@ from typing import Final
 import aiosqlite
 
 from flux_broker.metadata.errors import UnsupportedSchemaError
+from flux_broker.metadata.groups import GROUP_TABLES
 
 __all__ = ["LATEST_SCHEMA_VERSION", "MIGRATIONS", "Migration", "migrate", "schema_version"]
 
@@ -183,6 +187,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             """,
         ),
     ),
+    Migration(version=4, name="consumer groups", statements=GROUP_TABLES),
 )
 
 #: The schema version this Flux writes.

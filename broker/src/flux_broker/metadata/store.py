@@ -19,6 +19,7 @@ from typing import Final, Self, assert_never
 
 import aiosqlite
 
+from flux_broker.groups.state import GroupState
 from flux_broker.metadata.activity import (
     ActivityEvent,
     forget_published,
@@ -31,6 +32,7 @@ from flux_broker.metadata.commands import (
     CreateStream,
     DeleteStream,
     PauseStream,
+    PutConsumerGroup,
     ResumeStream,
     SetStreamReadonly,
 )
@@ -44,6 +46,7 @@ from flux_broker.metadata.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
+from flux_broker.metadata.groups import apply_put_group, read_groups
 from flux_broker.metadata.lifecycle import apply_lifecycle, stream_exists
 from flux_broker.metadata.schema import migrate
 
@@ -241,6 +244,27 @@ class SqliteMetadataStore:
         partitions = _partitions_from_rows(rows)
         return partitions[0] if partitions else None
 
+    async def list_groups(self) -> tuple[GroupState, ...]:
+        """Every consumer group, ordered by id; see the contract.
+
+        Raises:
+            MetadataStorageError: SQLite failed.
+            MetadataClosedError: The store is closed.
+        """
+        async with self._lock:
+            db = self._require_open()
+            try:
+                await db.execute("BEGIN")
+                groups = await read_groups(db)
+                await db.execute("COMMIT")
+            except sqlite3.Error as e:
+                await _rollback(db)
+                raise MetadataStorageError(f"reading consumer groups failed: {e}") from e
+            except BaseException:
+                await _rollback(db)
+                raise
+        return groups
+
     async def pending_activity(self, limit: int) -> tuple[ActivityEvent, ...]:
         """The oldest ``limit`` activity events not yet published, in id order; see the contract.
 
@@ -342,6 +366,9 @@ async def _apply(db: aiosqlite.Connection, command: Command, index: int) -> tupl
             return await apply_lifecycle(db, command)
         case ActivityPublished():
             await forget_published(db, command)
+            return ()
+        case PutConsumerGroup():
+            await apply_put_group(db, command, index)
             return ()
         case _:  # pragma: no cover - the union is closed
             assert_never(command)

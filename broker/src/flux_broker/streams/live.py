@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 
 from flux_broker.clock import Clock
 from flux_broker.log.commitlog import FileCommitLog
+from flux_broker.log.contract import RecordBatch, Traffic
 from flux_broker.log.errors import LogClosedError
 from flux_broker.metadata import Partition, Stream
 from flux_broker.streams.partition import Partition as PartitionLeader
 from flux_broker.streams.partition import PartitionStats
 from flux_broker.streams.producers import ProducerTable
 
-__all__ = ["LivePartition", "LiveStream", "PartitionState"]
+__all__ = ["LivePartition", "LiveStream", "PartitionState", "Subscriber"]
 
 
 class PartitionState(enum.Enum):
@@ -61,6 +62,8 @@ class LivePartition:
         pauses: How often it was paused since the broker started; a subscriber whose log
             closed under it and sees a different count knows a pause closed it.
         subscribers: Subscribe calls reading it now.
+        written: Records written to it, over every log it had (metrics: messages in).
+        delivered: Records sent to its subscribers (metrics: messages out).
         unsubscribed_ns: When its last subscriber left (Unix ns; 0 = never).
         activated_ns: When it last became active (Unix ns).
         auto_pause: The task that pauses it when idle, while active (``None`` when off).
@@ -74,8 +77,10 @@ class LivePartition:
         "_no_subscribers",
         "_offsets",
         "_producers",
+        "_subscriptions",
         "activated_ns",
         "auto_pause",
+        "delivered",
         "id",
         "metadata",
         "pauses",
@@ -85,6 +90,7 @@ class LivePartition:
         "subject",
         "subscribers",
         "unsubscribed_ns",
+        "written",
     )
 
     def __init__(
@@ -99,6 +105,9 @@ class LivePartition:
         self.stats = PartitionStats()
         self.pauses = 0
         self.subscribers = 0
+        self.written = Traffic()
+        self.delivered = Traffic()
+        self._subscriptions: set[Subscriber] = set()
         self.unsubscribed_ns = 0
         self.activated_ns = 0
         self.auto_pause: asyncio.Task[None] | None = None
@@ -181,6 +190,7 @@ class LivePartition:
     def attach(self, log: FileCommitLog, leader: PartitionLeader) -> None:
         """Hold a freshly opened log and its (not yet started) leader."""
         assert self._log is None, "attach only a partition without a log"
+        log.written = self.written  # counted on, across pauses
         self._log = log
         self._leader = leader
         self._producers = ProducerTable()
@@ -211,13 +221,23 @@ class LivePartition:
     # -- subscribers -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def subscription(self) -> Iterator[None]:
-        """Count a Subscribe call reading the partition for as long as the block runs."""
+    def subscription(self, start_offset: int = 0) -> Iterator[Subscriber]:
+        """Count a Subscribe call reading the partition for as long as the block runs.
+
+        Args:
+            start_offset: The first offset it will deliver (for its lag).
+
+        Yields:
+            Its :class:`Subscriber`: tell it each batch sent.
+        """
+        subscriber = Subscriber(self.delivered, start_offset - 1)
+        self._subscriptions.add(subscriber)
         self.subscribers += 1
         self._no_subscribers.clear()
         try:
-            yield
+            yield subscriber
         finally:
+            self._subscriptions.discard(subscriber)
             self.subscribers -= 1
             if self.subscribers == 0:
                 self.unsubscribed_ns = self._clock.now_ns()
@@ -226,6 +246,34 @@ class LivePartition:
     async def wait_unsubscribed(self) -> None:
         """Return once no Subscribe call reads the partition."""
         await self._no_subscribers.wait()
+
+    def subscriber_lag(self) -> int:
+        """The most committed records one subscriber has yet to be sent (0 without any)."""
+        hw = self.high_watermark
+        behind = max((hw - s.last_offset for s in self._subscriptions), default=0)
+        return max(behind, 0)
+
+
+class Subscriber:
+    """One Subscribe call reading a partition, as the metrics see it.
+
+    Attributes:
+        last_offset: The last offset sent (the start offset - 1 before the first batch).
+    """
+
+    __slots__ = ("_delivered", "last_offset")
+
+    def __init__(self, delivered: Traffic, last_offset: int) -> None:
+        """Count into the partition's ``delivered``; nothing sent yet up to ``last_offset``."""
+        self._delivered = delivered
+        self.last_offset = last_offset
+
+    def sent(self, batch: RecordBatch) -> None:
+        """Count ``batch`` as sent to the subscriber (once per batch, never per record)."""
+        self.last_offset = batch.last_offset
+        delivered = self._delivered
+        delivered.records += batch.count
+        delivered.bytes += len(batch.data)
 
 
 @dataclass(slots=True, eq=False)

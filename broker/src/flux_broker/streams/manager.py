@@ -47,12 +47,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from nats.aio.client import Client
 
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.config import LogConfig
+from flux_broker.logs import partition_fields
 from flux_broker.metadata import (
     AppliedCommand,
     Command,
@@ -78,6 +79,9 @@ from flux_broker.streams.storage import (
     stream_log_config,
     sweep,
 )
+
+if TYPE_CHECKING:
+    from flux_broker.metrics import BrokerMetrics
 
 __all__ = [
     "DELETED_PREFIX",
@@ -113,6 +117,7 @@ class StreamManager:
         clock: Clock | None = None,
         auto_pause_time_s: float = 0.0,
         auto_pause_disable_if_subscribers: bool = False,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         """Describe the manager; call :meth:`recover` before serving.
 
@@ -127,6 +132,7 @@ class StreamManager:
             clock: Time source (default: the system clock).
             auto_pause_time_s: ``streams.auto.pause.time`` (0 = off); streams override it.
             auto_pause_disable_if_subscribers: ``streams.auto.pause.disable.if.subscribers``.
+            metrics: The broker's metrics (recovery, acks); default: none.
         """
         self.broker_id = broker_id
         self.namespace = namespace
@@ -145,6 +151,7 @@ class StreamManager:
             auto_pause_time_s=auto_pause_time_s,
             auto_pause_disable_if_subscribers=auto_pause_disable_if_subscribers,
             pauser=self._auto_pauser,
+            metrics=metrics,
         )
         self._streams: dict[str, LiveStream] = {}
         self._lock = asyncio.Lock()
@@ -273,10 +280,18 @@ class StreamManager:
         """
         self._applied_listeners.append(listener)
 
-    async def _apply(self, command: Command) -> AppliedCommand:
-        applied = await self._store.apply(command)
+    def notify_applied(self, applied: AppliedCommand) -> None:
+        """Tell the listeners of :meth:`on_applied` about a command applied elsewhere.
+
+        The group coordinator stores its own commands and calls this, so the activity
+        publisher wakes for joins and leaves too.
+        """
         for listener in self._applied_listeners:
             listener(applied)
+
+    async def _apply(self, command: Command) -> AppliedCommand:
+        applied = await self._store.apply(command)
+        self.notify_applied(applied)
         return applied
 
     async def _run(self, work: Coroutine[Any, Any, _T], name: str) -> _T:
@@ -299,7 +314,11 @@ class StreamManager:
                 await asyncio.to_thread(remove_directory, self._streams_dir, stream.name)
                 live = await self._runner.open_stream(stream)
             except BaseException:
-                _logger.exception("stream %r: could not open its logs; deleting it", command.name)
+                _logger.exception(
+                    "stream %r: could not open its logs; deleting it",
+                    command.name,
+                    extra=partition_fields(command.name),
+                )
                 await self._undo_create(command.name)
                 raise
             self._streams[stream.name] = live
@@ -308,6 +327,7 @@ class StreamManager:
                 stream.name,
                 stream.subject,
                 len(stream.partitions),
+                extra=partition_fields(stream.name),
             )
             return live
 
@@ -316,7 +336,9 @@ class StreamManager:
             await self._apply(DeleteStream(name))
             await asyncio.to_thread(remove_directory, self._streams_dir, name)
         except Exception:
-            _logger.exception("stream %r: could not undo its creation", name)
+            _logger.exception(
+                "stream %r: could not undo its creation", name, extra=partition_fields(name)
+            )
 
     async def _delete_stream(self, name: str) -> None:
         async with self._lock:
@@ -329,8 +351,12 @@ class StreamManager:
                 await asyncio.to_thread(remove_directory, self._streams_dir, name)
             except OSError:
                 # The metadata says deleted; a create of the name removes what is left.
-                _logger.exception("stream %r: deleted, but its data could not be removed", name)
-            _logger.info("deleted stream %r", name)
+                _logger.exception(
+                    "stream %r: deleted, but its data could not be removed",
+                    name,
+                    extra=partition_fields(name),
+                )
+            _logger.info("deleted stream %r", name, extra=partition_fields(name))
 
     # -- pause, resume, read-only --------------------------------------------------------
 
@@ -379,6 +405,7 @@ class StreamManager:
                     "paused stream %r partition(s) %s",
                     name,
                     ", ".join(str(p.id) for p in doomed),
+                    extra=partition_fields(name),
                 )
 
     async def _resume(self, name: str, partition_id: int) -> None:
@@ -401,10 +428,20 @@ class StreamManager:
             try:
                 await self._runner.activate(live, targets)
             except BaseException:
-                _logger.exception("stream %r: could not resume partition(s) %s", name, ids)
+                _logger.exception(
+                    "stream %r: could not resume partition(s) %s",
+                    name,
+                    ids,
+                    extra=partition_fields(name),
+                )
                 await self._undo_resume(live, targets)
                 raise
-            _logger.info("resumed stream %r partition(s) %s", name, ", ".join(map(str, ids)))
+            _logger.info(
+                "resumed stream %r partition(s) %s",
+                name,
+                ", ".join(map(str, ids)),
+                extra=partition_fields(name),
+            )
 
     async def _undo_resume(self, live: LiveStream, targets: list[LivePartition]) -> None:
         await self._runner.deactivate(targets, PartitionState.PAUSED)
@@ -419,7 +456,11 @@ class StreamManager:
             )
             await self._refresh(live.metadata.name)
         except Exception:
-            _logger.exception("stream %r: could not record the failed resume", live.metadata.name)
+            _logger.exception(
+                "stream %r: could not record the failed resume",
+                live.metadata.name,
+                extra=partition_fields(live.metadata.name),
+            )
 
     async def _set_readonly(self, name: str, partitions: tuple[int, ...], readonly: bool) -> None:
         async with self._lock:

@@ -77,9 +77,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -88,7 +89,7 @@ from nats.aio.client import Client
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.contract import AppendResult
-from flux_broker.log.errors import LogError
+from flux_broker.log.errors import LogError, LogWriteError
 from flux_broker.log.format import (
     MAX_HEADER_KEY_BYTES,
     MAX_HEADERS,
@@ -116,6 +117,9 @@ from flux_broker.nats.subjects import (
     validate_literal_subject,
 )
 from flux_proto import api_pb2
+
+if TYPE_CHECKING:
+    from flux_broker.metrics import PublishMetrics
 
 __all__ = [
     "BATCH_MAX_MESSAGES",
@@ -154,10 +158,14 @@ REPLY_HEADER: Final = "reply"
 _BROKER_HEADERS: Final = frozenset({SUBJECT_HEADER, REPLY_HEADER})
 #: Ack inboxes remembered as valid, per partition (see Partition._inbox_subject).
 _VALID_INBOXES_MAX: Final = 4096
+#: At most one warning about unusable ack inboxes per this many seconds (forged envelopes
+#: must not flood the log; reliability-plan §6 item 21).
+_BAD_INBOX_LOG_INTERVAL_S: Final = 10.0
 #: Ack prefixes remembered, by message subject (one for a stream without wildcards).
 _ACK_PREFIXES_MAX: Final = 1024
 
 _SUCCESS_ACK_POLICIES: Final = frozenset({api_pb2.AckPolicy.LEADER, api_pb2.AckPolicy.ALL})
+_LEADER: Final = api_pb2.AckPolicy.LEADER
 
 #: The header of a PUBLISH envelope as Liftbridge's and Flux's writers make it (headerLen 8, no
 #: CRC): such a payload is parsed in place; any other envelope goes through decode_message.
@@ -275,6 +283,7 @@ class Partition:
         optimistic_concurrency: bool = False,
         readonly: bool = False,
         stats: PartitionStats | None = None,
+        metrics: PublishMetrics | None = None,
     ) -> None:
         """Describe the partition (arguments by keyword); nothing happens until :meth:`start`.
 
@@ -300,6 +309,8 @@ class Partition:
             readonly: Start read-only (see :attr:`readonly`).
             stats: Counters to add to (a resumed partition keeps its earlier ones); default:
                 new ones.
+            metrics: The broker's acks and publish-to-ack latency, updated once per acked
+                batch (default: none).
 
         Raises:
             ValueError: ``partition_id`` is negative or a limit is not positive.
@@ -323,6 +334,7 @@ class Partition:
         #: While true, received messages are dropped unstored and unacked; the caller sets it.
         self.readonly = readonly
         self.stats = PartitionStats() if stats is None else stats
+        self._metrics = metrics
         self._log = log
         self._nc = nc
         self._clock: Clock = clock or SystemClock()
@@ -338,6 +350,8 @@ class Partition:
         self._stopped = False
         self._ack_prefixes: dict[bytes, bytes] = {}  # by message subject
         self._valid_inboxes: dict[str, bytes] = {}  # inbox -> the subject to publish to
+        self._bad_inbox_logged_at = -_BAD_INBOX_LOG_INTERVAL_S
+        self._bad_inboxes_unlogged = 0
         self._ack_fields = api_pb2.Ack()  # reused: fields 4-8 of each success ack
 
     @property
@@ -648,6 +662,16 @@ class Partition:
                     len(records),
                     error,
                 )
+            except LogWriteError as error:
+                # A full disk fails every batch until space is freed: the log has said so
+                # once, with the cause; each refused batch is only counted and noted here.
+                self.stats.append_failures += 1
+                _logger.debug(
+                    "%s: append of %d records failed (%s); they are not acked",
+                    self._name(),
+                    len(records),
+                    error,
+                )
             except LogError:
                 self.stats.append_failures += 1
                 _logger.exception(
@@ -660,19 +684,33 @@ class Partition:
                 self.stats.appended += result.count
                 # A cluster of one: the ISR is this broker, so what it wrote is committed.
                 self._log.set_high_watermark(result.last_offset)
+        leader_acks = 0
         if result is None:
             outgoing = [(inbox, payload) for _at, inbox, payload in errors]
         else:
-            outgoing = list(self._acks_in_order(result, acks, errors))
-        await self._publish(outgoing)
+            outgoing, leader_acks = self._acks_in_order(result, acks, errors)
+        sent = await self._publish(outgoing)
+        success_acks = len(outgoing) - len(errors)
+        if sent and result is not None and success_acks and self._metrics is not None:
+            # Once per batch: the oldest message that may have asked for an ack (usually the
+            # first), for the latency.
+            received_ns = next(ack_to[2] for ack_to in acks if ack_to is not None)
+            self._metrics.acked(
+                leader_acks, success_acks - leader_acks, received_ns, self._clock.now_ns()
+            )
 
     # -- acking --------------------------------------------------------------------------------
 
     def _acks_in_order(
         self, result: AppendResult, acks: list[_AckTo | None], errors: list[_ErrorAck]
-    ) -> list[tuple[bytes, bytes]]:
-        """Success acks of an appended chunk, with its error acks where their messages were."""
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Success acks of an appended chunk, with its error acks where their messages were.
+
+        Returns:
+            The acks to send, and how many of the success acks are for policy LEADER.
+        """
         outgoing: list[tuple[bytes, bytes]] = []
+        leader_acks = 0
         append = outgoing.append
         base = result.base_offset
         # Error acks are rare: the offset before which the next one goes (the end: after all).
@@ -713,8 +751,10 @@ class Partition:
             fields.receptionTimestamp = received_ns
             # Fields in number order, as SerializeToString writes them: 1-3, 4-8, 9 (and 10).
             append((inbox_subject, prefix + serialize() + commit))
+            if policy == _LEADER:
+                leader_acks += 1
         outgoing.extend(error[1:] for error in errors[next_error:])
-        return outgoing
+        return outgoing, leader_acks
 
     def _ack_prefix(self, subject: bytes) -> bytes:
         """The ack envelope header and fields 1-3 (stream, partition and message subjects)."""
@@ -743,16 +783,29 @@ class Partition:
             validate_literal_subject(inbox)
         except InvalidSubjectError as error:
             self.stats.ack_failures += 1
-            _logger.warning("%s: could not send an ack to %r: %s", self._name(), inbox, error)
+            now = time.monotonic()
+            if now - self._bad_inbox_logged_at < _BAD_INBOX_LOG_INTERVAL_S:
+                self._bad_inboxes_unlogged += 1
+                return None
+            _logger.warning(
+                "%s: could not send an ack to %r: %s (%d more unusable inbox(es) since the "
+                "last warning)",
+                self._name(),
+                inbox,
+                error,
+                self._bad_inboxes_unlogged,
+            )
+            self._bad_inbox_logged_at, self._bad_inboxes_unlogged = now, 0
             return None
         if len(self._valid_inboxes) >= _VALID_INBOXES_MAX:
             self._valid_inboxes.clear()
         subject = self._valid_inboxes[inbox] = inbox.encode()
         return subject
 
-    async def _publish(self, outgoing: list[tuple[bytes, bytes]]) -> None:
+    async def _publish(self, outgoing: list[tuple[bytes, bytes]]) -> bool:
+        """Send the acks; whether they were handed to NATS."""
         if not outgoing:
-            return
+            return False
         try:
             await publish_many(self._nc, outgoing)
         except nats.errors.Error as error:
@@ -763,8 +816,9 @@ class Partition:
                 len(outgoing),
                 str(error) or type(error).__name__,
             )
-        else:
-            self.stats.acks_sent += len(outgoing)
+            return False
+        self.stats.acks_sent += len(outgoing)
+        return True
 
 
 def _with_broker_headers(

@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 
 from flux_broker.clock import Clock
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.config import LogConfig
+from flux_broker.logs import partition_context
 from flux_broker.metadata import Partition, Stream
 from flux_broker.nats.subjects import partition_subject
 from flux_broker.streams.auto_pause import AutoPause, run_auto_pause
@@ -34,6 +36,9 @@ from flux_broker.streams.live import LivePartition, LiveStream, PartitionState
 from flux_broker.streams.partition import Partition as PartitionLeader
 from flux_broker.streams.producers import cut_partial_batch
 from flux_broker.streams.storage import close_partitions, read_high_watermark, stream_log_config
+
+if TYPE_CHECKING:
+    from flux_broker.metrics import BrokerMetrics
 
 __all__ = ["PartitionRunner", "Pauser"]
 
@@ -57,6 +62,7 @@ class PartitionRunner:
         auto_pause_time_s: float,
         auto_pause_disable_if_subscribers: bool,
         pauser: Pauser,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         """Describe the runner (see :class:`~flux_broker.streams.manager.StreamManager`)."""
         self.streams_dir = streams_dir
@@ -68,6 +74,7 @@ class PartitionRunner:
         self._auto_pause_time_s = auto_pause_time_s
         self._auto_pause_disable = auto_pause_disable_if_subscribers
         self._pauser = pauser
+        self._metrics = metrics
 
     def auto_pause(self, stream: Stream) -> AutoPause | None:
         """The stream's auto-pause settings; ``None`` when it never auto-pauses."""
@@ -119,10 +126,14 @@ class PartitionRunner:
         stream = live.metadata
         config = stream_log_config(self.log_config, stream.config)
         for partition in partitions:
-            log = await FileCommitLog.open(
-                self._directory(stream.name, partition.id), config, self._clock
-            )
-            await cut_partial_batch(log)
+            # Recovery (in a worker thread) and the log's own tasks log with the partition.
+            with partition_context(stream.name, partition.id):
+                log = await FileCommitLog.open(
+                    self._directory(stream.name, partition.id), config, self._clock
+                )
+                if self._metrics is not None:
+                    self._metrics.recovered(log.stats)
+                await cut_partial_batch(log)
             # A cluster of one: everything written is on the whole ISR, so it is committed.
             log.set_high_watermark(log.newest_offset)
             meta = partition.metadata
@@ -130,7 +141,8 @@ class PartitionRunner:
                 log.set_leader_epoch(meta.leader_epoch)
             partition.attach(log, self._new_leader(stream, meta, log, config, partition))
         for partition in partitions:
-            await partition.leader.start()
+            with partition_context(stream.name, partition.id):  # inherited by its ingest task
+                await partition.leader.start()
         policy = self.auto_pause(stream)
         for partition in partitions:
             partition.state = PartitionState.ACTIVE
@@ -139,9 +151,10 @@ class PartitionRunner:
                 timer = run_auto_pause(
                     partition, policy, self._clock, self._pauser(partition, policy)
                 )
-                partition.auto_pause = asyncio.create_task(
-                    timer, name=f"auto-pause-{stream.name}-{partition.id}"
-                )
+                with partition_context(stream.name, partition.id):
+                    partition.auto_pause = asyncio.create_task(
+                        timer, name=f"auto-pause-{stream.name}-{partition.id}"
+                    )
             partition.notify()
 
     async def deactivate(self, partitions: Sequence[LivePartition], state: PartitionState) -> None:
@@ -186,4 +199,5 @@ class PartitionRunner:
             optimistic_concurrency=bool(stream.config.optimistic_concurrency_control),
             readonly=meta.readonly,
             stats=partition.stats,
+            metrics=None if self._metrics is None else self._metrics.publish,
         )

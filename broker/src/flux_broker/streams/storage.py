@@ -22,6 +22,7 @@ from nats.nuid import NUID
 from flux_broker.log import checkpoint
 from flux_broker.log.config import LogConfig
 from flux_broker.log.recovery import HW_CHECKPOINT_FILE
+from flux_broker.logs import in_partition_context, partition_fields
 from flux_broker.metadata import StreamConfig
 from flux_broker.streams.live import LivePartition
 
@@ -140,10 +141,12 @@ async def close_partitions(partitions: Sequence[LivePartition]) -> None:
     A partition that fails to stop or close is logged; the others are closed regardless.
     """
     stops = await asyncio.gather(
-        *(partition.leader.stop() for partition in partitions), return_exceptions=True
+        *(in_partition_context(p.stream, p.id, p.leader.stop()) for p in partitions),
+        return_exceptions=True,
     )
     closes = await asyncio.gather(
-        *(partition.log.close() for partition in partitions), return_exceptions=True
+        *(in_partition_context(p.stream, p.id, p.log.close()) for p in partitions),
+        return_exceptions=True,
     )
     for partition, stop, close in zip(partitions, stops, closes, strict=True):
         for what, outcome in (("stop its leader", stop), ("close its log", close)):
@@ -154,6 +157,7 @@ async def close_partitions(partitions: Sequence[LivePartition]) -> None:
                     partition.id,
                     what,
                     exc_info=outcome,
+                    extra=partition_fields(partition.stream, partition.id),
                 )
 
 
