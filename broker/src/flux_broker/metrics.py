@@ -42,6 +42,7 @@ from flux_proto import api_pb2
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
+    from flux_broker.groups.coordinator import GroupCoordinator
     from flux_broker.streams.live import LiveStream
 
 __all__ = [
@@ -128,11 +129,13 @@ class _BrokerCollector(Collector):
     def __init__(self) -> None:
         self.streams: Callable[[], Iterable[LiveStream]] | None = None
         self.nc: Client | None = None
+        self.groups: GroupCoordinator | None = None
         self.readiness: Callable[[], str | None] = lambda: "starting"
 
     def collect(self) -> Iterator[Metric]:
         yield from self._partitions()
         yield from self._nats()
+        yield from self._groups()
         ready = GaugeMetricFamily(
             "flux_ready", "1 while the broker is ready (/readyz answers 200), else 0"
         )
@@ -217,6 +220,55 @@ class _BrokerCollector(Collector):
         reconnects.add_metric([], 0 if nc is None else int(nc.stats.get("reconnects", 0)))
         yield reconnects
 
+    def _groups(self) -> Iterator[Metric]:
+        coordinator = self.groups
+        if coordinator is None:
+            return
+        members = GaugeMetricFamily(
+            "flux_consumer_group_members",
+            "Members of each consumer group (groups without members are not listed)",
+            labels=("group",),
+        )
+        epochs = GaugeMetricFamily(
+            "flux_consumer_group_epoch", "Current epoch of each consumer group", labels=("group",)
+        )
+        revoking = GaugeMetricFamily(
+            "flux_consumer_group_partitions_revoking",
+            "Partitions of each consumer group being revoked (awaiting their owner)",
+            labels=("group",),
+        )
+        for state in coordinator.groups():
+            if state.empty:
+                continue
+            members.add_metric([state.group_id], len(state.members))
+            epochs.add_metric([state.group_id], state.epoch)
+            revoking.add_metric(
+                [state.group_id], sum(1 for own in state.owners.values() if own.revoking)
+            )
+        yield from (members, epochs, revoking)
+        stats = coordinator.stats
+        for name, text, value in (
+            (
+                "flux_consumer_group_changes",
+                "Consumer-group changes stored (each a new epoch: joins, leaves, rebalances, "
+                "finished revocations)",
+                stats.changes,
+            ),
+            (
+                "flux_consumer_group_members_expired",
+                "Members removed for missing their heartbeats (groups.consumer.timeout)",
+                stats.expired_members,
+            ),
+            (
+                "flux_consumer_group_revocations_timed_out",
+                "Revocations finished by groups.revoke.timeout instead of a confirmation",
+                stats.revocations_timed_out,
+            ),
+        ):
+            counter = CounterMetricFamily(name, text)
+            counter.add_metric([], value)
+            yield counter
+
 
 class BrokerMetrics:
     """One broker's metrics and registry.
@@ -261,6 +313,7 @@ class BrokerMetrics:
         streams: Callable[[], Iterable[LiveStream]] | None = None,
         nc: Client | None = None,
         readiness: Callable[[], str | None] | None = None,
+        groups: GroupCoordinator | None = None,
     ) -> None:
         """Tell the scrape-time collector where to read (each argument given replaces one).
 
@@ -268,6 +321,7 @@ class BrokerMetrics:
             streams: Returns the streams this broker serves.
             nc: The broker's NATS connection.
             readiness: Returns why the broker is not ready, or ``None`` when it is.
+            groups: The consumer-group coordinator.
         """
         if streams is not None:
             self._state.streams = streams
@@ -275,6 +329,8 @@ class BrokerMetrics:
             self._state.nc = nc
         if readiness is not None:
             self._state.readiness = readiness
+        if groups is not None:
+            self._state.groups = groups
 
     def recovered(self, stats: LogStats) -> None:
         """Count what recovery found when one log was opened."""

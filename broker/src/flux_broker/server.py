@@ -269,6 +269,7 @@ class Broker:
             timeouts=timeouts,
         )
         await self._groups.load()
+        self.metrics.watch(groups=self._groups)
         streams.on_applied(self._groups.on_applied)
         self._groups.start()
 

@@ -462,3 +462,28 @@ async def _json_broker(tmp_path: Path) -> AsyncIterator[tuple[BrokerProcess, Pat
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+async def test_consumer_groups_are_counted(broker_factory: BrokerFactory) -> None:
+    broker = await broker_factory(args=METRICS, env={"FLUX_GROUPS_CONSUMER_TIMEOUT": "1s"})
+    async with client(broker) as api:
+        await create(api, "jobs", partitions=2)
+        for consumer in ("a", "b"):
+            await api.JoinConsumerGroup(
+                api_pb2.JoinConsumerGroupRequest(
+                    groupId="workers", consumerId=consumer, streams=["jobs"]
+                ),
+                timeout=TIMEOUT_S,
+            )
+        samples = await scrape(broker)
+        assert value(samples, "flux_consumer_group_members", group="workers") == 2
+        assert value(samples, "flux_consumer_group_partitions_revoking", group="workers") == 1
+        assert value(samples, "flux_consumer_group_changes_total") == 2
+        # Nobody heartbeats: both members expire after the timeout, and the group empties.
+        await wait_for(lambda: _expired(broker, 2), timeout_s=TIMEOUT_S, interval_s=0.1)
+        samples = await scrape(broker)
+        assert ("flux_consumer_group_members", (("group", "workers"),)) not in samples
+
+
+async def _expired(broker: BrokerProcess, count: int) -> bool:
+    return await metric(broker, "flux_consumer_group_members_expired_total") == count

@@ -69,6 +69,7 @@ __all__ = [
     "GROUP_MEMBERS_MAX_COUNT",
     "AssignmentUpdate",
     "GroupCoordinator",
+    "GroupStats",
     "GroupTimeouts",
 ]
 
@@ -104,6 +105,23 @@ class GroupTimeouts:
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be above 0, got {value:g}s")
+
+
+@dataclass(slots=True)
+class GroupStats:
+    """Counters of the coordinator since the broker started (exported as metrics).
+
+    Attributes:
+        changes: Group changes stored (each one a new epoch: joins, leaves, rebalances,
+            finished revocations).
+        expired_members: Members removed for missing their heartbeats.
+        revocations_timed_out: Revocations finished by ``groups.revoke.timeout`` instead of a
+            confirmation.
+    """
+
+    changes: int = 0
+    expired_members: int = 0
+    revocations_timed_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +169,7 @@ class GroupCoordinator:
         self.broker_id = broker_id
         self.timeouts = timeouts
         self.subscriptions = GroupSubscriptions()
+        self.stats = GroupStats()
         self._store = store
         self._partition_counts = partition_counts
         self._notify_applied = notify_applied
@@ -501,6 +520,7 @@ class GroupCoordinator:
             except StaleIndexError:
                 continue  # another command took the index meanwhile: compute again
             self._install(old, new)
+            self.stats.changes += 1
             self._notify_applied(applied)
             return new
         raise RuntimeError("the metadata index kept moving; the group change was not stored")
@@ -566,6 +586,7 @@ class GroupCoordinator:
             )
             with contextlib.suppress(GroupNotFoundError, NotGroupMemberError):
                 await self.leave(group_id, consumer, expired=True)
+                self.stats.expired_members += 1
         overdue: dict[str, list[PartitionKey]] = {}
         for (group_id, key), started in self._revoke_started.items():
             if now - started >= self.timeouts.revoke_s:
@@ -581,6 +602,7 @@ class GroupCoordinator:
             async with self._lock:
                 state = self._groups[group_id]
                 await self._change(state, self._completing(state, keys))
+            self.stats.revocations_timed_out += len(keys)
         counts = self._partition_counts()
         for stream, partitions in list(self._creating.items()):
             if counts.get(stream) == partitions:
