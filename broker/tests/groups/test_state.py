@@ -12,7 +12,6 @@ from flux_broker.groups.assignor import ASSIGNORS
 from flux_broker.groups.state import (
     GroupState,
     complete,
-    confirm,
     join,
     leave,
     new_group,
@@ -42,9 +41,9 @@ def test_a_moving_partition_is_revoked_before_it_is_assigned() -> None:
     assert two.assignment("m2") == {}
     assert two.may_commit("m1", ("a", 1), 1)
     assert not two.may_commit("m2", ("a", 1), 2)
-    # m1 fetched at an epoch before the revocation: nothing moves.
-    assert confirm(two, "m1", 1, epoch=3, partitions=PARTS) is two
-    three = confirm(two, "m1", 2, epoch=3, partitions=PARTS)
+    # A partition that is not being revoked is not completed.
+    assert complete(two, [("a", 0)], epoch=3, partitions=PARTS) is two
+    three = complete(two, [("a", 1), ("a", 3)], epoch=3, partitions=PARTS)
     assert three.epoch == 3
     assert three.assignment("m2") == {"a": (1, 3)}
     assert three.owners["a", 1].since_epoch == 3
@@ -114,7 +113,8 @@ def _step(state: GroupState, op: _Op, epoch: int, partitions: dict[str, int]) ->
     if op.kind == "leave" and member:
         return leave(state, op.consumer, epoch=epoch, partitions=partitions)
     if op.kind == "confirm" and member:
-        return confirm(state, op.consumer, state.epoch, epoch=epoch, partitions=partitions)
+        mine = [k for k, own in state.owners.items() if own.owner == op.consumer and own.revoking]
+        return complete(state, mine, epoch=epoch, partitions=partitions)
     if op.kind == "timeout":
         revoking = [k for k, own in state.owners.items() if own.revoking]
         return complete(state, revoking, epoch=epoch, partitions=partitions)

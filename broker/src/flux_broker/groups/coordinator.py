@@ -29,9 +29,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from flux_broker.groups.assignor import DEFAULT_ASSIGNOR, PartitionKey
 from flux_broker.groups.errors import (
@@ -49,7 +49,6 @@ from flux_broker.groups.fencing import GroupSubscriptions
 from flux_broker.groups.state import (
     GroupState,
     complete,
-    confirm,
     join,
     leave,
     new_group,
@@ -62,9 +61,15 @@ from flux_broker.metadata import (
     MetadataStore,
     StaleIndexError,
 )
-from flux_broker.metadata.commands import GroupJoined, GroupLeft, PutConsumerGroup
+from flux_broker.metadata.commands import (
+    ForgetConsumerGroup,
+    GroupJoined,
+    GroupLeft,
+    PutConsumerGroup,
+)
 
 __all__ = [
+    "EMPTY_GROUPS_MAX_COUNT",
     "GROUPS_MAX_COUNT",
     "GROUP_MEMBERS_MAX_COUNT",
     "AssignmentUpdate",
@@ -75,8 +80,8 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Most groups a broker keeps (empty ones included: their positions outlive them). A join that
-#: would create one more is refused with RESOURCE_EXHAUSTED.
+#: Most groups with members on a broker; a join that would make one more is refused with
+#: RESOURCE_EXHAUSTED.
 GROUPS_MAX_COUNT: Final = 10_000
 #: Most members of one group; a join that would add one more is refused the same way.
 GROUP_MEMBERS_MAX_COUNT: Final = 1_000
@@ -86,6 +91,13 @@ _INDEX_RACE_TRIES: Final = 16
 _REAPER_MAX_SLEEP_S: Final = 1.0
 #: How often a stream just created is checked for being open, to rebalance onto it.
 _CREATE_POLL_S: Final = 0.02
+#: How long a created stream may take to open before its groups are rebalanced anyway.
+_CREATE_WAIT_MAX_S: Final = 30.0
+#: Longest pause of the liveness loop after checks that failed (it backs off to it).
+_REAPER_MAX_BACKOFF_S: Final = 5.0
+#: Most groups without members kept (for describe and reset); the oldest beyond go.
+EMPTY_GROUPS_MAX_COUNT: Final = 10_000
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +166,7 @@ class GroupCoordinator:
         timeouts: GroupTimeouts,
         monotonic: Callable[[], float] = time.monotonic,
         max_groups: int = GROUPS_MAX_COUNT,
+        max_empty_groups: int = EMPTY_GROUPS_MAX_COUNT,
     ) -> None:
         """Describe the coordinator.
 
@@ -164,7 +177,8 @@ class GroupCoordinator:
             notify_applied: Called after each stored change (wakes the activity publisher).
             timeouts: The ``groups.*`` timeouts.
             monotonic: The clock of timeouts.
-            max_groups: Most groups kept.
+            max_groups: Most groups with members.
+            max_empty_groups: Most groups without members kept.
         """
         self.broker_id = broker_id
         self.timeouts = timeouts
@@ -175,15 +189,23 @@ class GroupCoordinator:
         self._notify_applied = notify_applied
         self._monotonic = monotonic
         self._max_groups = max_groups
+        self._max_empty_groups = max_empty_groups
         self._groups: dict[str, GroupState] = {}
         self._lock = asyncio.Lock()
         self._heartbeat: dict[tuple[str, str], float] = {}  # (group, member) -> last seen
         self._watching: dict[tuple[str, str], int] = {}  # (group, member) -> open watches
         self._watchers: dict[str, set[asyncio.Event]] = {}  # group -> wake-ups
         self._revoke_started: dict[tuple[str, PartitionKey], float] = {}
+        #: Revocations their owner confirmed, waiting for the group's others (not durable: after
+        #: a restart owners confirm again).
+        self._confirmed: set[tuple[str, PartitionKey]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._failures = 0  # liveness checks failed in a row (for the back-off)
         self._reports: dict[str, dict[str, float]] = {}  # group -> member -> report time
         self._dirty_streams: set[str] = set()
-        self._creating: dict[str, int] = {}  # stream -> partitions, created but not yet live
+        self._pending_rebalance: set[str] = set()  # changed streams whose groups wait
+        #: stream -> (partitions, when) of streams created but not yet open.
+        self._creating: dict[str, tuple[int, float]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -233,7 +255,7 @@ class GroupCoordinator:
             self._dirty_streams.add(command.name)
             if isinstance(command, CreateStream):
                 # Applied before the stream is open: rebalance once it is live.
-                self._creating[command.name] = len(command.partitions)
+                self._creating[command.name] = (len(command.partitions), self._monotonic())
             else:
                 self._creating.pop(command.name, None)
             self._wake.set()
@@ -263,13 +285,19 @@ class GroupCoordinator:
             GroupAssignorMismatchError: ``assignor`` is not the existing group's.
             GroupsFullError: The group is new and the broker keeps its limit of groups.
         """
+        return await self._shielded(self._join(group_id, consumer, streams, assignor))
+
+    async def _join(
+        self, group_id: str, consumer: str, streams: Iterable[str], assignor: str
+    ) -> GroupState:
         wanted = tuple(sorted(set(streams)))
         async with self._lock:
             state = self._groups.get(group_id)
             if state is None or state.empty:
-                if state is None and len(self._groups) >= self._max_groups:
+                active = sum(1 for group in self._groups.values() if not group.empty)
+                if active >= self._max_groups:
                     raise GroupsFullError(
-                        f"this broker keeps {len(self._groups)} consumer groups, its limit"
+                        f"this broker has {active} consumer groups with members, its limit"
                     )
                 # An emptied group starts again with the assignor asked for now.
                 base = new_group(group_id, assignor or DEFAULT_ASSIGNOR, self.broker_id)
@@ -292,16 +320,17 @@ class GroupCoordinator:
                 raise GroupsFullError(
                     f"consumer group {shown(group_id)} has {len(base.members)} members, its limit"
                 )
+            if base.members.get(consumer) != wanted:
+                base = await self._change(
+                    base,
+                    lambda epoch: join(
+                        base, consumer, wanted, epoch=epoch, partitions=self._partition_counts()
+                    ),
+                    GroupJoined(consumer, wanted),
+                )
+            # Only once it is a member: a failed join leaves no clock behind.
             self._heartbeat[group_id, consumer] = self._monotonic()
-            if base.members.get(consumer) == wanted:
-                return base
-            return await self._change(
-                base,
-                lambda epoch: join(
-                    base, consumer, wanted, epoch=epoch, partitions=self._partition_counts()
-                ),
-                GroupJoined(consumer, wanted),
-            )
+            return base
 
     async def leave(self, group_id: str, consumer: str, *, expired: bool = False) -> GroupState:
         """Remove ``consumer``; its partitions go to the others at once.
@@ -310,16 +339,19 @@ class GroupCoordinator:
             GroupNotFoundError: No group with members has this id.
             NotGroupMemberError: The consumer is not a member.
         """
+        return await self._shielded(self._leave(group_id, consumer, expired=expired))
+
+    async def _leave(self, group_id: str, consumer: str, *, expired: bool) -> GroupState:
         async with self._lock:
-            state = self._member_group(group_id, consumer)
-            self._heartbeat.pop((group_id, consumer), None)
-            return await self._change(
-                state,
-                lambda epoch: leave(
-                    state, consumer, epoch=epoch, partitions=self._partition_counts()
-                ),
-                GroupLeft(consumer, expired),
-            )
+            return await self._remove(self._member_group(group_id, consumer), consumer, expired)
+
+    async def _remove(self, state: GroupState, consumer: str, expired: bool) -> GroupState:
+        """Store the member's departure (lock held); its heartbeat goes once that is stored."""
+        return await self._change(
+            state,
+            lambda epoch: leave(state, consumer, epoch=epoch, partitions=self._partition_counts()),
+            GroupLeft(consumer, expired),
+        )
 
     async def fetch(
         self, group_id: str, consumer: str, epoch: int
@@ -332,6 +364,11 @@ class GroupCoordinator:
             GroupEpochMismatchError: ``epoch`` is not the current epoch.
             NotGroupMemberError: The consumer is not a member.
         """
+        return await self._shielded(self._fetch(group_id, consumer, epoch))
+
+    async def _fetch(
+        self, group_id: str, consumer: str, epoch: int
+    ) -> tuple[int, dict[str, tuple[int, ...]]]:
         async with self._lock:
             state = self._groups.get(group_id)
             if state is None or state.empty:
@@ -348,17 +385,14 @@ class GroupCoordinator:
             if consumer not in state.members:
                 raise _not_member(group_id, consumer)
             self._heartbeat[group_id, consumer] = self._monotonic()
-            if state.revoking(consumer):
-                state = await self._change(
-                    state,
-                    lambda new_epoch: confirm(
-                        state,
-                        consumer,
-                        epoch,
-                        epoch=new_epoch,
-                        partitions=self._partition_counts(),
-                    ),
-                )
+            for key, own in state.owners.items():
+                if own.owner == consumer and own.revoking and own.revoke_epoch <= epoch:
+                    self._confirmed.add((group_id, key))
+            revoking = [key for key, own in state.owners.items() if own.revoking]
+            if revoking and all((group_id, key) in self._confirmed for key in revoking):
+                # Every owner has let go: all of them move in one epoch, so clients see one
+                # change per rebalance, not one per confirmation.
+                state = await self._change(state, self._completing(state, revoking))
             return state.epoch, state.assignment(consumer)
 
     async def report(self, group_id: str, consumer: str, coordinator: str, epoch: int) -> None:
@@ -426,7 +460,7 @@ class GroupCoordinator:
                     revoked = _removed(sent or {}, assignments)
                     sent, sent_epoch = assignments, state.epoch
                     yield AssignmentUpdate(
-                        state.epoch, assignments, revoked, state.revoking(consumer)
+                        state.epoch, assignments, revoked, self._unconfirmed(state, consumer)
                     )
                     continue  # the state may have moved on while the update was written
                 await wake.wait()
@@ -459,6 +493,12 @@ class GroupCoordinator:
             state = self._groups.get(group_id)
             if state is None or consumer not in state.members:
                 raise _not_member(group_id, consumer)
+            if (group_id, key) in self._confirmed:
+                raise NotPartitionOwnerError(
+                    f"{shown(consumer)} confirmed the revocation of stream {shown(key[0])} "
+                    f"partition {key[1]} in consumer group {shown(group_id)}; it may no longer "
+                    "commit it"
+                )
             if not state.may_commit(consumer, key, epoch):
                 own = state.owners.get(key)
                 detail = (
@@ -501,6 +541,17 @@ class GroupCoordinator:
             raise _not_member(group_id, consumer)
         return state
 
+    async def _shielded(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run a change to the end even if the caller is cancelled (a client's deadline).
+
+        Cancelling it halfway would leave SQLite and memory apart: the store commits in its
+        own thread whatever happens to the awaiting coroutine.
+        """
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
     async def _change(
         self,
         old: GroupState,
@@ -508,49 +559,80 @@ class GroupCoordinator:
         event: GroupJoined | GroupLeft | None = None,
     ) -> GroupState:
         """Compute the next state at the next metadata index and store it (lock held)."""
+        index = self._store.applied_index + 1
         for _ in range(_INDEX_RACE_TRIES):
-            epoch = self._store.applied_index + 1
-            new = compute(epoch)
+            new = compute(index)
             if new is old:
                 return old
             try:
                 applied = await self._store.apply(
-                    PutConsumerGroup(state=new, event=event), index=epoch
+                    PutConsumerGroup(state=new, event=event), index=index
                 )
-            except StaleIndexError:
-                continue  # another command took the index meanwhile: compute again
+            except StaleIndexError as error:
+                # Another command took the index meanwhile: compute again after it.
+                index = max(error.applied_index, self._store.applied_index) + 1
+                continue
             self._install(old, new)
             self.stats.changes += 1
             self._notify_applied(applied)
+            if new.empty:
+                await self._forget_surplus()
             return new
         raise RuntimeError("the metadata index kept moving; the group change was not stored")
 
+    async def _forget_surplus(self) -> None:
+        """Forget the oldest groups without members beyond :data:`EMPTY_GROUPS_MAX_COUNT`.
+
+        Their positions stay in ``__cursors``; a member joining one again continues from them.
+        """
+        empty = sorted((g.epoch, g.group_id) for g in self._groups.values() if g.empty)
+        for _, group_id in empty[: max(len(empty) - self._max_empty_groups, 0)]:
+            applied = await self._store.apply(ForgetConsumerGroup(group_id=group_id))
+            del self._groups[group_id]
+            self._notify_applied(applied)
+            _logger.info("forgot consumer group %s, empty since long ago", shown(group_id))
+
+    def _unconfirmed(self, state: GroupState, consumer: str) -> dict[str, tuple[int, ...]]:
+        """What is being revoked from ``consumer`` and still needs its confirmation."""
+        revoking = state.revoking(consumer)
+        return {
+            stream: left
+            for stream, partitions in revoking.items()
+            if (
+                left := tuple(
+                    p for p in partitions if (state.group_id, (stream, p)) not in self._confirmed
+                )
+            )
+        }
+
     def _install(self, old: GroupState, new: GroupState) -> None:
-        self._groups[new.group_id] = new
+        group_id = new.group_id
+        self._groups[group_id] = new
         now = self._monotonic()
         for key, own in new.owners.items():
             was = old.owners.get(key)
             if own.revoking and (was is None or not was.revoking or was.owner != own.owner):
-                self._revoke_started[new.group_id, key] = now
-        for group_id, key in list(self._revoke_started):
-            if group_id == new.group_id:
-                now_owned = new.owners.get(key)
-                if now_owned is None or not now_owned.revoking:
-                    del self._revoke_started[group_id, key]
+                self._revoke_started[group_id, key] = now
+                self._confirmed.discard((group_id, key))
+        for pending in [k for k in self._revoke_started if k[0] == group_id]:
+            now_owned = new.owners.get(pending[1])
+            if now_owned is None or not now_owned.revoking:
+                del self._revoke_started[pending]
+                self._confirmed.discard(pending)
         for consumer in set(old.members) - set(new.members):
-            self._heartbeat.pop((new.group_id, consumer), None)
-            self._reports.get(new.group_id, {}).pop(consumer, None)
+            self._heartbeat.pop((group_id, consumer), None)
+            self._reports.get(group_id, {}).pop(consumer, None)
         if new.empty:
-            self._reports.pop(new.group_id, None)
+            self._reports.pop(group_id, None)
         _logger.info(
             "consumer group %s epoch %d: %d member(s), %d partition(s) owned, %d being revoked",
-            shown(new.group_id),
+            shown(group_id),
             new.epoch,
             len(new.members),
             len(new.owners),
             sum(1 for own in new.owners.values() if own.revoking),
         )
-        for wake in self._watchers.get(new.group_id, ()):
+        for wake in self._watchers.get(group_id, ()):
             wake.set()
         self._wake.set()
 
@@ -558,64 +640,111 @@ class GroupCoordinator:
         """Expire silent members and overdue revocations; rebalance after stream changes."""
         while True:
             self._wake.clear()
+            delay_floor = _CREATE_POLL_S
             try:
                 await self._reap_once()
+                self._failures = 0
             except Exception:
+                self._failures += 1
                 _logger.exception("consumer group liveness check failed; retrying")
-            # At least a short sleep, so a check that keeps failing cannot spin.
-            delay = max(self._next_due() - self._monotonic(), _CREATE_POLL_S)
+                # Back off, so a check that keeps failing (a full disk) neither spins nor floods
+                # the log.
+                delay_floor = min(_CREATE_POLL_S * 2**self._failures, _REAPER_MAX_BACKOFF_S)
+            delay = max(self._next_due() - self._monotonic(), delay_floor)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(delay, _REAPER_MAX_SLEEP_S))
+                await asyncio.wait_for(
+                    self._wake.wait(), min(delay, max(_REAPER_MAX_SLEEP_S, delay_floor))
+                )
 
     async def _reap_once(self) -> None:
         now = self._monotonic()
-        expired = [
+        for key in list(self._heartbeat):
+            state = self._groups.get(key[0])
+            if state is None or key[1] not in state.members:
+                del self._heartbeat[key]  # not a member (any more): nothing to expire
+        for group_id, consumer in [
             key
             for key, seen in self._heartbeat.items()
             if now - seen >= self.timeouts.consumer_s and not self._watching.get(key)
-        ]
-        for group_id, consumer in expired:
+        ]:
+            await self._expire(group_id, consumer)
+        for group_id in sorted(
+            {
+                g
+                for (g, _), started in self._revoke_started.items()
+                if now - started >= self.timeouts.revoke_s
+            }
+        ):
+            await self._time_out_revocations(group_id)
+        self._rebalance_after_stream_changes()
+        if self._pending_rebalance:
+            await self._rebalance_dirty()
+
+    async def _expire(self, group_id: str, consumer: str) -> None:
+        """Remove a member whose heartbeat is overdue, if it still is under the lock."""
+        async with self._lock:
             state = self._groups.get(group_id)
-            if state is None or consumer not in state.members:
-                continue
+            seen = self._heartbeat.get((group_id, consumer))
+            if state is None or consumer not in state.members or seen is None:
+                return
+            if self._watching.get((group_id, consumer)):
+                return
+            if self._monotonic() - seen < self.timeouts.consumer_s:
+                return  # it fetched while this waited for the lock
             _logger.warning(
                 "consumer %s of group %s sent no heartbeat for %.1fs: removing it",
                 shown(consumer),
                 shown(group_id),
                 self.timeouts.consumer_s,
             )
-            with contextlib.suppress(GroupNotFoundError, NotGroupMemberError):
-                await self.leave(group_id, consumer, expired=True)
-                self.stats.expired_members += 1
-        overdue: dict[str, list[PartitionKey]] = {}
-        for (group_id, key), started in self._revoke_started.items():
-            if now - started >= self.timeouts.revoke_s:
-                overdue.setdefault(group_id, []).append(key)
-        for group_id, keys in overdue.items():
+            await self._remove(state, consumer, expired=True)
+            self.stats.expired_members += 1
+
+    async def _time_out_revocations(self, group_id: str) -> None:
+        """Finish the group's overdue revocations, with those confirmed meanwhile, in one epoch."""
+        async with self._lock:
+            state = self._groups[group_id]
+            now = self._monotonic()
+            overdue = [
+                key
+                for (g, key), started in self._revoke_started.items()
+                if g == group_id and now - started >= self.timeouts.revoke_s
+            ]
+            if not overdue:
+                return  # confirmed or called off while this waited for the lock
             _logger.warning(
                 "consumer group %s: %d revocation(s) not confirmed within %.1fs; the "
                 "partitions move on",
                 shown(group_id),
-                len(keys),
+                len(overdue),
                 self.timeouts.revoke_s,
             )
+            confirmed = [key for g, key in self._confirmed if g == group_id]
+            await self._change(state, self._completing(state, [*overdue, *confirmed]))
+            self.stats.revocations_timed_out += len(overdue)
+
+    def _rebalance_after_stream_changes(self) -> None:
+        """Move the dirty streams to the pending rebalance once created ones are open."""
+        counts = self._partition_counts()
+        now = self._monotonic()
+        for stream, (partitions, since) in list(self._creating.items()):
+            if counts.get(stream) == partitions or now - since >= _CREATE_WAIT_MAX_S:
+                del self._creating[stream]  # open (or its creation failed long ago)
+        if self._dirty_streams and not self._creating:
+            self._pending_rebalance |= self._dirty_streams
+            self._dirty_streams = set()
+
+    async def _rebalance_dirty(self) -> None:
+        """Rebalance every group reading a changed stream; what fails stays pending."""
+        dirty = frozenset(self._pending_rebalance)
+        for group_id in sorted(self._groups):
+            state = self._groups.get(group_id)
+            if state is None or state.empty or not dirty.intersection(state.streams):
+                continue
             async with self._lock:
                 state = self._groups[group_id]
-                await self._change(state, self._completing(state, keys))
-            self.stats.revocations_timed_out += len(keys)
-        counts = self._partition_counts()
-        for stream, partitions in list(self._creating.items()):
-            if counts.get(stream) == partitions:
-                del self._creating[stream]
-        if self._dirty_streams and not self._creating:
-            dirty, self._dirty_streams = self._dirty_streams, set()
-            for group_id in sorted(self._groups):
-                state = self._groups[group_id]
-                if state.empty or not dirty.intersection(state.streams):
-                    continue
-                async with self._lock:
-                    state = self._groups[group_id]
-                    await self._change(state, self._rebalancing(state))
+                await self._change(state, self._rebalancing(state))
+        self._pending_rebalance -= dirty
 
     def _completing(
         self, state: GroupState, keys: list[PartitionKey]
@@ -632,7 +761,7 @@ class GroupCoordinator:
                 due = min(due, seen + self.timeouts.consumer_s)
         for started in self._revoke_started.values():
             due = min(due, started + self.timeouts.revoke_s)
-        if self._creating:
+        if self._creating or self._pending_rebalance:
             due = min(due, self._monotonic() + _CREATE_POLL_S)
         return due
 

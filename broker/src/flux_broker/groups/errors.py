@@ -57,7 +57,7 @@ class NotPartitionOwnerError(GroupError):
 
 
 class GroupFencedError(GroupError):
-    """A group subscription with an equal or newer epoch holds the partition."""
+    """A group subscription with a newer epoch holds the partition."""
 
 
 class GroupNotEmptyError(GroupError):

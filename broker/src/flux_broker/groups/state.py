@@ -8,9 +8,9 @@ streams each reads, and the current **owner** of every partition. The assignor s
 * a partition without an owner (new, or its owner left or expired) goes to its target at once;
 * a partition whose owner is not its target is first **revoked**: the owner keeps it (and may
   still commit its final position) but no longer reads it -- it is not in its assignment --
-  and nobody else gets it, until the owner confirms (it fetches its assignment at an epoch at
-  least the revocation's, :func:`confirm`) or the revocation times out (:func:`complete`);
-  only then does the partition go to its target;
+  and nobody else gets it, until the revocation is complete (:func:`complete`: the coordinator
+  calls it once the owners confirmed, or the revocation timed out); only then does the
+  partition go to its target;
 * a partition whose stream is gone, or that no member reads any more, has no owner.
 
 So at every moment each partition has at most one owner, and a member's assignment (what it
@@ -32,7 +32,6 @@ __all__ = [
     "GroupState",
     "Ownership",
     "complete",
-    "confirm",
     "join",
     "leave",
     "new_group",
@@ -148,18 +147,6 @@ def leave(
 def rebalance(state: GroupState, *, epoch: int, partitions: Mapping[str, int]) -> GroupState:
     """Re-run the assignment after streams were created or deleted."""
     return _settle(state, state, epoch, partitions)
-
-
-def confirm(
-    state: GroupState, consumer: str, seen_epoch: int, *, epoch: int, partitions: Mapping[str, int]
-) -> GroupState:
-    """``consumer`` saw its assignment at ``seen_epoch``: revocations begun by then are done."""
-    done = [
-        key
-        for key, own in state.owners.items()
-        if own.owner == consumer and own.revoking and own.revoke_epoch <= seen_epoch
-    ]
-    return complete(state, done, epoch=epoch, partitions=partitions)
 
 
 def complete(

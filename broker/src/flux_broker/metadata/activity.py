@@ -34,6 +34,7 @@ from flux_broker.metadata.commands import (
     Command,
     CreateStream,
     DeleteStream,
+    ForgetConsumerGroup,
     GroupJoined,
     GroupLeft,
     PauseStream,
@@ -184,7 +185,7 @@ async def record_event(
                 consumer=consumer,
                 expired=expired,
             )
-        case PutConsumerGroup() | ActivityPublished():
+        case PutConsumerGroup() | ForgetConsumerGroup() | ActivityPublished():
             return
     await db.execute(_INSERT, (event.id, event.op.value, event.detail()))
 

@@ -25,6 +25,7 @@ __all__ = [
     "Command",
     "CreateStream",
     "DeleteStream",
+    "ForgetConsumerGroup",
     "GroupJoined",
     "GroupLeft",
     "PartitionAssignment",
@@ -327,6 +328,25 @@ class PutConsumerGroup:
                 raise InvalidCommandError("owners", f"{own.owner!r} is not a member")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForgetConsumerGroup:
+    """Forget a consumer group without members (its positions stay in ``__cursors``).
+
+    Attributes:
+        group_id: The group; applying fails if it has members.
+    """
+
+    group_id: str
+
+    def check(self) -> None:
+        """Raise :class:`InvalidCommandError` if the command is malformed on its own.
+
+        Raises:
+            InvalidCommandError: The group id is empty.
+        """
+        _check_text("group_id", self.group_id)
+
+
 #: Every metadata command. Later commands (leader and ISR changes) join this union.
 Command: TypeAlias = (
     CreateStream
@@ -336,6 +356,7 @@ Command: TypeAlias = (
     | SetStreamReadonly
     | ActivityPublished
     | PutConsumerGroup
+    | ForgetConsumerGroup
 )
 
 

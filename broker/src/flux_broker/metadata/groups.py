@@ -26,10 +26,10 @@ from typing import Final
 import aiosqlite
 
 from flux_broker.groups.state import GroupState, Ownership
-from flux_broker.metadata.commands import PutConsumerGroup
+from flux_broker.metadata.commands import ForgetConsumerGroup, PutConsumerGroup
 from flux_broker.metadata.errors import InvalidCommandError
 
-__all__ = ["GROUP_TABLES", "apply_put_group", "read_groups"]
+__all__ = ["GROUP_TABLES", "apply_forget_group", "apply_put_group", "read_groups"]
 
 _INT64: Final = "BETWEEN 0 AND 9223372036854775807"
 
@@ -94,6 +94,18 @@ async def apply_put_group(db: aiosqlite.Connection, command: PutConsumerGroup, i
             for (stream, partition), own in state.owners.items()
         ],
     )
+
+
+async def apply_forget_group(db: aiosqlite.Connection, command: ForgetConsumerGroup) -> None:
+    """Delete a group without members, inside the caller's transaction."""
+    rows = list(
+        await db.execute_fetchall(
+            "SELECT count(*) FROM consumer_group_members WHERE group_id = ?", (command.group_id,)
+        )
+    )
+    if int(rows[0][0]):
+        raise InvalidCommandError("group_id", f"{command.group_id!r} still has members")
+    await db.execute("DELETE FROM consumer_groups WHERE group_id = ?", (command.group_id,))
 
 
 async def read_groups(db: aiosqlite.Connection) -> tuple[GroupState, ...]:

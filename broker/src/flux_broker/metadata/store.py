@@ -31,6 +31,7 @@ from flux_broker.metadata.commands import (
     Command,
     CreateStream,
     DeleteStream,
+    ForgetConsumerGroup,
     PauseStream,
     PutConsumerGroup,
     ResumeStream,
@@ -46,7 +47,7 @@ from flux_broker.metadata.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from flux_broker.metadata.groups import apply_put_group, read_groups
+from flux_broker.metadata.groups import apply_forget_group, apply_put_group, read_groups
 from flux_broker.metadata.lifecycle import apply_lifecycle, stream_exists
 from flux_broker.metadata.schema import migrate
 
@@ -369,6 +370,9 @@ async def _apply(db: aiosqlite.Connection, command: Command, index: int) -> tupl
             return ()
         case PutConsumerGroup():
             await apply_put_group(db, command, index)
+            return ()
+        case ForgetConsumerGroup():
+            await apply_forget_group(db, command)
             return ()
         case _:  # pragma: no cover - the union is closed
             assert_never(command)
