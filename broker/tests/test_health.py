@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flux_broker.health import HealthServer
 from flux_broker.log.recovery import LogStats
 from flux_broker.metrics import BrokerMetrics
 from flux_proto import api_pb2
+from flux_testing import wait_for
 
 
 class Readiness:
@@ -160,3 +162,29 @@ def test_every_metric_is_documented() -> None:
     assert len(names) > 10
     for name in names:
         assert f"`{name}`" in text or f"`{name}_total`" in text, f"{name} is not in {page}"
+
+
+async def test_a_client_that_stops_reading_is_dropped_within_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A big answer to a client that never reads must not hold the connection forever."""
+    monkeypatch.setattr(health, "REQUEST_TIMEOUT_S", 0.5)
+    metrics = BrokerMetrics()
+    monkeypatch.setattr(metrics, "exposition", lambda: b"x" * (16 << 20))
+    http = HealthServer(metrics, lambda: None)
+    await http.start("127.0.0.1", 0)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (http.host, http.port))
+        try:
+            await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_for(lambda: http.open_connections == 1, timeout_s=5.0, interval_s=0.01)
+            # Never read: the answer cannot be written, and the connection must still go.
+            await wait_for(lambda: http.open_connections == 0, timeout_s=10.0, interval_s=0.05)
+        finally:
+            sock.close()
+    finally:
+        await http.close()

@@ -68,6 +68,11 @@ class HealthServer:
         self.port = 0
 
     @property
+    def open_connections(self) -> int:
+        """Connections being served (at most :data:`CONNECTIONS_MAX`)."""
+        return self._connections
+
+    @property
     def address(self) -> str:
         """``host:port`` it listens on (IPv6 hosts in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -121,14 +126,20 @@ class HealthServer:
                 writer.write(header if head else header + body)
                 await writer.drain()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away or was too slow: nothing to answer
+            # The client went away or was too slow (perhaps not reading what was written):
+            # drop the connection and whatever is still queued for it.
+            writer.transport.abort()
         except Exception:
             _logger.exception("answering an HTTP request failed")
+            writer.transport.abort()
         finally:
-            self._connections -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                # Bounded: close() waits for queued data, which a client that does not read
+                # never takes; the connection counts against the cap until it is gone.
+                await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT_S)
+            writer.transport.abort()
+            self._connections -= 1
 
     async def _answer(  # noqa: PLR0911 -- one return per answer
         self, reader: asyncio.StreamReader

@@ -96,6 +96,14 @@ class StartupError(Exception):
     """The broker cannot start; the message says why and what to do."""
 
 
+def _slow_consumers(timeout_s: float) -> SlowConsumers:
+    if timeout_s < 0:
+        raise StartupError(
+            f"subscriptions.slow.consumer.timeout must be 0 (off) or above, got {timeout_s:g}s"
+        )
+    return SlowConsumers(timeout_s)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerSettings:
     """Everything the broker process needs, resolved from the config and the flags.
@@ -442,7 +450,7 @@ class Broker:
             groups=self._groups,
             metrics=self.metrics,
             limits=Limits(limits),
-            slow_consumers=SlowConsumers(config.seconds("subscriptions.slow.consumer.timeout")),
+            slow_consumers=_slow_consumers(config.seconds("subscriptions.slow.consumer.timeout")),
         )
         self._api = ApiService(broker)
         api_pb2_grpc.add_APIServicer_to_server(self._api, server)

@@ -20,6 +20,7 @@ import pytest
 from flux_broker.api.status import (
     INTERNAL_MESSAGE,
     STORAGE_FAILED_MESSAGE,
+    SYNC_FAILED_MESSAGE,
     UNAVAILABLE_MESSAGE,
     FluxStatus,
     guarded,
@@ -33,6 +34,7 @@ from flux_broker.log.errors import (
     LogWriteError,
     OffsetOutOfRangeError,
     RecordTooLargeError,
+    SyncFailedError,
 )
 from flux_broker.metadata.errors import (
     InvalidCommandError,
@@ -173,6 +175,7 @@ MAPPINGS: Final[list[tuple[Exception, str, str | None]]] = [
     (LogClosedError(INTERNAL_DETAIL), "UNAVAILABLE", UNAVAILABLE_MESSAGE),
     (MetadataClosedError(INTERNAL_DETAIL), "UNAVAILABLE", UNAVAILABLE_MESSAGE),
     (LogWriteError(INTERNAL_DETAIL), "STORAGE_FAILED", STORAGE_FAILED_MESSAGE),
+    (SyncFailedError(INTERNAL_DETAIL), "STORAGE_FAILED", SYNC_FAILED_MESSAGE),
     (MetadataStorageError(INTERNAL_DETAIL), "STORAGE_FAILED", STORAGE_FAILED_MESSAGE),
     (
         CorruptRecordError(7, Path(INTERNAL_DETAIL), 4096, "CRC mismatch"),

@@ -27,8 +27,7 @@ broker creates them itself. A *connection* is what grpc.aio names as the call's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -220,12 +219,19 @@ class Limits:
     def _created(self, _task: asyncio.Future[Any]) -> None:
         self._creating_streams -= 1
 
-    @contextlib.contextmanager
-    def subscription(self, peer: str) -> Iterator[None]:
-        """Count one open subscription of the connection ``peer`` while the context is open.
+    def hold_subscription(self, peer: str) -> Callable[[object], None]:
+        """Count one open subscription of the connection ``peer``; return its release.
+
+        The caller releases it when the call is over for gRPC too (``add_done_callback``):
+        a subscription cut off while its client does not read still holds what gRPC queued
+        for it, so it keeps counting until the client reads, cancels or disconnects.
 
         Args:
             peer: The call's peer as grpc.aio names it (``context.peer()``).
+
+        Returns:
+            The release (it takes and ignores the call gRPC passes to done callbacks); calling
+            it more than once releases once.
 
         Raises:
             FluxStatus: RESOURCE_LIMIT when the connection already holds its limit.
@@ -239,14 +245,20 @@ class Limits:
                 "(limits.connection.subscriptions.max.count); end one first",
             )
         self._subscriptions[peer] = count + 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release(_call: object = None) -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             left = self._subscriptions[peer] - 1
             if left:
                 self._subscriptions[peer] = left
             else:
                 del self._subscriptions[peer]
+
+        return release
 
     def subscriptions_of(self, peer: str) -> int:
         """How many subscriptions the connection ``peer`` holds open."""

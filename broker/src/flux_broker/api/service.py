@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 from flux_broker.api import (
     admin,
@@ -33,6 +34,11 @@ from flux_broker.api.status import guarded
 from flux_proto import api_pb2, api_pb2_grpc
 
 __all__ = ["ApiService"]
+
+
+def _release_when_done(context: ServicerContext, release: Callable[[object], None]) -> None:
+    # The stubs type the callback as a nominal class; any callable taking the context works.
+    context.add_done_callback(cast(Any, release))
 
 
 class ApiService(api_pb2_grpc.APIServicer):
@@ -106,15 +112,16 @@ class ApiService(api_pb2_grpc.APIServicer):
         self, request: api_pb2.SubscribeRequest, context: ServicerContext
     ) -> None:
         """See :func:`flux_broker.api.subscribe.subscribe` and :mod:`~.slow_consumer`."""
-        with self._broker.limits.subscription(context.peer()):  # RESOURCE_LIMIT past the cap
-            messages = subscribe.subscribe(self._broker, request, self.closing)
-            await slow_consumer.send_all(  # closes messages (and so the reader) when it ends
-                context,
-                messages,
-                self._broker.slow_consumers,
-                stream=request.stream,
-                partition=request.partition,
-            )
+        # RESOURCE_LIMIT past the cap; held until gRPC is done with the call.
+        _release_when_done(context, self._broker.limits.hold_subscription(context.peer()))
+        messages = subscribe.subscribe(self._broker, request, self.closing)
+        await slow_consumer.send_all(  # closes messages (and so the reader) when it ends
+            context,
+            messages,
+            self._broker.slow_consumers,
+            stream=request.stream,
+            partition=request.partition,
+        )
 
     @guarded
     async def Publish(
@@ -166,15 +173,16 @@ class ApiService(api_pb2_grpc.APIServicer):
         self, request: api_pb2.SubscribeBatchRequest, context: ServicerContext
     ) -> None:
         """See :func:`flux_broker.api.subscribe.subscribe_batch` and :mod:`~.slow_consumer`."""
-        with self._broker.limits.subscription(context.peer()):  # RESOURCE_LIMIT past the cap
-            batches = subscribe.subscribe_batch(self._broker, request, self.closing)
-            await slow_consumer.send_all(
-                context,
-                batches,
-                self._broker.slow_consumers,
-                stream=request.subscribe.stream,
-                partition=request.subscribe.partition,
-            )
+        # RESOURCE_LIMIT past the cap; held until gRPC is done with the call.
+        _release_when_done(context, self._broker.limits.hold_subscription(context.peer()))
+        batches = subscribe.subscribe_batch(self._broker, request, self.closing)
+        await slow_consumer.send_all(
+            context,
+            batches,
+            self._broker.slow_consumers,
+            stream=request.subscribe.stream,
+            partition=request.subscribe.partition,
+        )
 
     # -- cursors and consumer groups ---------------------------------------------------------
 

@@ -22,8 +22,10 @@ while it keeps reading, whatever its lag.
 
 The status is queued behind what the client has not read yet: the client sees it after the
 messages already sent, and resubscribes from its last offset + 1 (UNAVAILABLE is what every
-Liftbridge client resubscribes on). The call's reader and slot are released before the status
-is queued; gRPC keeps the pending message until the client reads or disconnects.
+Liftbridge client resubscribes on). The call's reader is released before the status is
+queued; gRPC keeps the pending message until the client reads, cancels or disconnects, and the
+call counts against the connection's subscription limit until then (``api/service.py``
+releases it from gRPC's done callback), which bounds what one connection can pin.
 
 Every subscription has its own write and its own timer, so the others of the same partition
 go on at full speed while a slow one is timed out.

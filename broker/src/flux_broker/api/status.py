@@ -66,6 +66,7 @@ from flux_broker.log.errors import (
     LogWriteError,
     OffsetOutOfRangeError,
     RecordTooLargeError,
+    SyncFailedError,
 )
 from flux_broker.metadata.errors import (
     InvalidCommandError,
@@ -96,6 +97,11 @@ _logger = logging.getLogger(__name__)
 INTERNAL_MESSAGE: Final = "internal broker error; the broker log has the details"
 #: Text of the UNAVAILABLE status when the log or the metadata store is closed.
 UNAVAILABLE_MESSAGE: Final = "the broker is shutting down; retry on another broker"
+#: Text of the UNAVAILABLE status when fsync failed after the write (the cause is logged).
+SYNC_FAILED_MESSAGE: Final = (
+    "the broker wrote the records but could not make them durable (fsync failed); they may be "
+    "stored: retry with an idempotent producer, or expect a duplicate"
+)
 #: Text of the UNAVAILABLE status when storage refused a write (the cause is logged).
 STORAGE_FAILED_MESSAGE: Final = "the broker could not write to its storage; nothing was written"
 #: Text of the RESOURCE_EXHAUSTED status when the disk is full.
@@ -209,6 +215,9 @@ _RULES: Final[tuple[_Rule, ...]] = (
     # gRPC's code for "the file system is out of space"; retriable. The log says it once per
     # run of failures (flux_broker.log.commitlog), not once per refused batch.
     _Rule(DiskFullError, by_name("DISK_FULL"), DISK_FULL_MESSAGE),
+    # An fsync that failed after the write: the records are in the log and may be served, so
+    # "nothing was written" would be false; an idempotent producer's retry is deduplicated.
+    _Rule(SyncFailedError, by_name("STORAGE_FAILED"), SYNC_FAILED_MESSAGE, logged=True),
     _Rule(LogWriteError, by_name("STORAGE_FAILED"), STORAGE_FAILED_MESSAGE, logged=True),
     _Rule(MetadataStorageError, by_name("STORAGE_FAILED"), STORAGE_FAILED_MESSAGE, logged=True),
     # Liftbridge answers a failed read with Internal, which its clients resubscribe on (a

@@ -103,6 +103,7 @@ class FileCommitLog:
         self._checkpointed_hw: int | None = None
         self._append_lock = asyncio.Lock()
         self._write_failing = False  # the last append failed (logged once per run)
+        self._checkpoint_failing = False  # the last HW checkpoint failed (logged once per run)
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -225,8 +226,20 @@ class FileCommitLog:
                 )
                 try:
                     await asyncio.shield(self._checkpoint_write)
-                except OSError:
-                    _log.exception("%s: HW checkpoint failed; retrying", self.directory)
+                except OSError as error:
+                    # A full disk fails every checkpoint until space is freed: once per run.
+                    if not self._checkpoint_failing:
+                        self._checkpoint_failing = True
+                        _log.warning(
+                            "%s: HW checkpoint failed (%s); retrying every interval, quietly "
+                            "until it succeeds",
+                            self.directory,
+                            error,
+                        )
+                else:
+                    if self._checkpoint_failing:
+                        self._checkpoint_failing = False
+                        _log.info("%s: HW checkpoint succeeds again", self.directory)
 
     # -- appending -----------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ __all__ = [
     "LogWriteError",
     "OffsetOutOfRangeError",
     "RecordTooLargeError",
+    "SyncFailedError",
     "write_failed",
 ]
 
@@ -108,6 +109,14 @@ class InvalidBatchError(LogError):
 
 class LogWriteError(LogError):
     """Writing to the log failed (for example, the disk is full); nothing was appended."""
+
+
+class SyncFailedError(LogWriteError):
+    """fsync failed after the records were written: they are in the file but may not be durable.
+
+    Unlike other write failures, the records were appended and may be served; a client that
+    retries without idempotence may store them twice.
+    """
 
 
 class DiskFullError(LogWriteError):

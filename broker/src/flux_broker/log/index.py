@@ -100,9 +100,9 @@ class IndexFile:
         else:
             self._pending.clear()
             self._written = count
+        self.count = count
         # Also drops whatever a failed flush left past the entries written.
         os.ftruncate(self._fd, self._written * INDEX_ENTRY_BYTES)
-        self.count = count
 
     def entry(self, i: int) -> IndexEntry:
         """Return entry ``i`` (0-based)."""

@@ -13,6 +13,7 @@ or corrupt tail is cut off; in a sealed one the first bad record is remembered
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from flux_broker.log.errors import CorruptRecordError, write_failed
+from flux_broker.log.errors import CorruptRecordError, LogWriteError, write_failed
 from flux_broker.log.format import (
     BODY_SIZE_AT,
     CRC,
@@ -224,6 +225,8 @@ class Segment:
         self.records = 0  # record count, kept in memory (retention counts without I/O)
         self.rebuilt_index = False  # set by recover(): the index was rebuilt from the log
         self.cut_bytes = 0  # set by recover(): bytes cut off a torn or corrupt tail
+        # A failed write could not be undone: appends are refused until the log is reopened.
+        self.unwritable = False
         self._log_fd = -1
         self._index: IndexFile | None = None
         self.handle_cache: HandleCache | None = None
@@ -430,6 +433,13 @@ class Segment:
                 full); the log file and the index are cut back to their previous sizes so no
                 partial record or entry remains, and nothing in memory changed.
         """
+        if self.unwritable:
+            # Bytes of a failed write may still follow the last record: a new write would land
+            # after them while the index points before them.
+            raise LogWriteError(
+                f"append to {self.log_path} refused: an earlier failed write could not be "
+                "undone; restart the broker to recover the partition"
+            )
         fd = self.log_fd()
         try:
             written = os.write(fd, data)
@@ -447,6 +457,7 @@ class Segment:
             try:
                 self.index.truncate(self.records)
             except OSError:
+                self.unwritable = True
                 _log.exception("%s: could not cut a failed index append back", self.index_path)
             raise write_failed(f"index append to {self.index_path}", exc) from exc
         if self.verified_bytes == self.size_bytes:
@@ -459,10 +470,19 @@ class Segment:
         self.last_timestamp_ns = timestamp_ns
 
     def _cut_back(self, fd: int) -> None:
-        try:
-            os.ftruncate(fd, self.size_bytes)
-        except OSError:
-            _log.exception("%s: could not cut a failed write back", self.log_path)
+        """Undo a failed write; if that fails too, refuse every later append (see ``append``)."""
+        for _ in range(2):
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.size_bytes)
+                if os.fstat(fd).st_size == self.size_bytes:
+                    return
+        self.unwritable = True
+        _log.error(
+            "%s: could not cut a failed write back to %d bytes; appends to this partition are "
+            "refused until the broker restarts (recovery then cuts the unacked tail)",
+            self.log_path,
+            self.size_bytes,
+        )
 
     def epoch_starts(self) -> list[tuple[int, int]]:
         """``(leader epoch, offset)`` wherever the epoch changes along this segment's records.

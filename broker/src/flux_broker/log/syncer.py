@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 
 from flux_broker.log.config import SyncPolicy
-from flux_broker.log.errors import LogWriteError
+from flux_broker.log.errors import LogWriteError, SyncFailedError
 
 __all__ = ["Syncer"]
 
@@ -77,7 +77,7 @@ class Syncer:
         """Return once everything written before the call is durable.
 
         Raises:
-            LogWriteError: fsync failed; the data may not be on disk.
+            SyncFailedError: fsync failed; the data may not be on disk.
         """
         target = self._written
         while self._durable < target:
@@ -91,7 +91,7 @@ class Syncer:
             fd = os.dup(self._current_fd())
             await asyncio.to_thread(_datasync_and_close, fd)
         except OSError as exc:
-            raise LogWriteError(f"fsync failed: {exc}") from exc
+            raise SyncFailedError(f"fsync failed: {exc}") from exc
         finally:
             self._inflight = None
         self.syncs += 1

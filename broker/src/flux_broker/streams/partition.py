@@ -89,7 +89,7 @@ from nats.aio.client import Client
 from flux_broker.clock import Clock, SystemClock
 from flux_broker.log.commitlog import FileCommitLog
 from flux_broker.log.contract import AppendResult
-from flux_broker.log.errors import LogError, LogWriteError
+from flux_broker.log.errors import LogError, LogWriteError, SyncFailedError
 from flux_broker.log.format import (
     MAX_HEADER_KEY_BYTES,
     MAX_HEADERS,
@@ -658,6 +658,17 @@ class Partition:
                 _logger.debug(
                     "%s: %d records not appended, another writer came first (%s); "
                     "they are not acked",
+                    self._name(),
+                    len(records),
+                    error,
+                )
+            except SyncFailedError as error:
+                # Unlike a refused write, the records are in the log (and will be served once
+                # a later batch commits); their publishers get no ack and may retry.
+                self.stats.append_failures += 1
+                _logger.warning(
+                    "%s: %d records were written but fsync failed (%s); they are not acked and "
+                    "may be stored twice if their publishers retry",
                     self._name(),
                     len(records),
                     error,
