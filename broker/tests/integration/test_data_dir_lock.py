@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -13,7 +12,7 @@ import pytest
 
 from flux_broker.data_dir import LOCK_FILE
 from flux_proto import api_pb2, api_pb2_grpc
-from flux_testing.broker import BrokerProcess
+from flux_testing.broker import BrokerProcess, broker_command
 
 from .test_publish_batch import create, framed, publish, read_all
 
@@ -35,19 +34,7 @@ async def run_second_broker(data_dir: Path, work_dir: Path) -> tuple[int, str, f
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "flux_broker",
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--embedded-nats-port",
-        "0",
-        "--ready-file",
-        str(work_dir / "second.ready.json"),
+        *broker_command(data_dir, work_dir / "second.ready.json"),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flux_broker.log.format import NewRecord, Placement, frame
 from flux_broker.nats.envelope import encode_message
 from flux_proto import api_pb2, api_pb2_grpc
-from flux_testing.broker import BrokerProcess
+from flux_testing.broker import BrokerProcess, broker_command
 from flux_testing.wait import wait_for
 
 if TYPE_CHECKING:
@@ -416,24 +415,7 @@ async def _json_broker(tmp_path: Path) -> AsyncIterator[tuple[BrokerProcess, Pat
     """A broker with ``--log-format json``, its stderr kept apart from its stdout."""
     ready = tmp_path / "ready.json"
     stderr_path, stdout_path = tmp_path / "stderr.log", tmp_path / "stdout.log"
-    command = [
-        sys.executable,
-        "-m",
-        "flux_broker",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--embedded-nats-port",
-        "0",
-        "--ready-file",
-        str(ready),
-        "--log-format",
-        "json",
-        *METRICS,
-    ]
+    command = broker_command(tmp_path / "data", ready, "--log-format", "json", *METRICS)
     process = _spawn(command, stdout_path, stderr_path)
     try:
 

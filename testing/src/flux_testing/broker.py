@@ -24,7 +24,7 @@ from typing import Final
 
 from flux_testing.wait import WaitTimeoutError, wait_for
 
-__all__ = ["BrokerProcess", "BrokerProcessError", "stop_all"]
+__all__ = ["BrokerProcess", "BrokerProcessError", "broker_command", "stop_all"]
 
 STARTUP_TIMEOUT_S: Final = 30.0  # cold start on a shared 2-core machine: imports, NATS, recovery
 STOP_TIMEOUT_S: Final = 20.0  # graceful shutdown is bounded by the broker's own 5 s grace
@@ -211,15 +211,13 @@ async def stop_all(brokers: Sequence[BrokerProcess]) -> None:
                 broker.kill()
 
 
-def _spawn(
-    data_dir: Path, work_dir: Path, args: Sequence[str], env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    """Start ``python -m flux_broker``; return the process, its ready file and its log."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    serial = sum(1 for _ in work_dir.glob("broker-*.log"))
-    ready_file = work_dir / f"broker-{serial}.ready.json"
-    log_path = work_dir / f"broker-{serial}.log"
-    command = [
+def broker_command(data_dir: Path, ready_file: Path, *args: str) -> list[str]:
+    """The command line of a test broker: ``data_dir``, free ports, ``ready_file``, then ``args``.
+
+    For tests that run the process themselves (to watch it fail at start-up, or to keep its
+    stderr apart); :meth:`BrokerProcess.start` uses it too.
+    """
+    return [
         sys.executable,
         "-m",
         "flux_broker",
@@ -235,6 +233,17 @@ def _spawn(
         str(ready_file),
         *args,
     ]
+
+
+def _spawn(
+    data_dir: Path, work_dir: Path, args: Sequence[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start ``python -m flux_broker``; return the process, its ready file and its log."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    serial = sum(1 for _ in work_dir.glob("broker-*.log"))
+    ready_file = work_dir / f"broker-{serial}.ready.json"
+    log_path = work_dir / f"broker-{serial}.log"
+    command = broker_command(data_dir, ready_file, *args)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,

@@ -40,7 +40,6 @@ name (deleted and created again since).
 from __future__ import annotations
 
 import contextlib
-import unicodedata
 from typing import Final
 
 from flux_broker.api.context import BrokerContext
@@ -54,14 +53,12 @@ from flux_broker.cursors import (
     CursorStore,
     NotCursorsLeaderError,
 )
-from flux_broker.nats.subjects import SHOWN_VALUE_MAX_CHARS, validate_stream_name
+from flux_broker.nats.subjects import rejected_character, shown, validate_stream_name
 from flux_broker.streams.manager import LivePartition
 from flux_proto import api_pb2
 
 __all__ = ["fetch_cursor", "set_cursor"]
 
-# Control, format (bidi overrides, zero-width characters) and surrogate code points.
-_REJECTED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
 _DISABLED_MESSAGE: Final = (
     "cursors are disabled on this broker: set cursors.stream.partitions above 0 and restart it"
 )
@@ -71,26 +68,18 @@ def _invalid(message: str) -> FluxStatus:
     return FluxStatus.from_entry("INVALID_ARGUMENT", message)
 
 
-def _show(value: str) -> str:
-    if len(value) <= SHOWN_VALUE_MAX_CHARS:
-        return repr(value)
-    return f"{value[:SHOWN_VALUE_MAX_CHARS]!r}... ({len(value)} characters)"
-
-
 def _check_cursor_id(cursor_id: str) -> None:
     if not cursor_id:
         raise _invalid("cursorId is empty; a cursor needs an id")
     # Characters first (cheap) so a huge id is refused before it is encoded.
     if len(cursor_id) > CURSOR_ID_MAX_BYTES or len(cursor_id.encode()) > CURSOR_ID_MAX_BYTES:
         raise _invalid(
-            f"cursorId {_show(cursor_id)} is over the limit of {CURSOR_ID_MAX_BYTES} bytes"
+            f"cursorId {shown(cursor_id)} is over the limit of {CURSOR_ID_MAX_BYTES} bytes"
         )
-    if not cursor_id.isprintable():
-        for char in cursor_id:
-            if unicodedata.category(char) in _REJECTED_CATEGORIES:
-                raise _invalid(
-                    f"cursorId {_show(cursor_id)} holds the control or format character {char!r}"
-                )
+    if (char := rejected_character(cursor_id)) is not None:
+        raise _invalid(
+            f"cursorId {shown(cursor_id)} holds the control or format character {char!r}"
+        )
 
 
 def _check_request(cursor_id: str, stream: str) -> None:
@@ -138,8 +127,8 @@ def _commit_cursor_id(request: api_pb2.SetCursorRequest) -> str:
     expected = group_cursor_id(consumer.groupId)
     if request.cursorId not in ("", expected):
         raise _invalid(
-            f"a member-checked commit writes the group's cursor {_show(expected)}, not "
-            f"{_show(request.cursorId)}"
+            f"a member-checked commit writes the group's cursor {shown(expected)}, not "
+            f"{shown(request.cursorId)}"
         )
     return expected
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import unicodedata
 from collections.abc import AsyncGenerator, Mapping
 from typing import Final
 
@@ -41,9 +40,8 @@ from flux_broker.api.status import FluxStatus
 from flux_broker.cursors import NO_CURSOR, CursorsDisabledError
 from flux_broker.groups.assignor import ASSIGNORS
 from flux_broker.groups.coordinator import GroupCoordinator
-from flux_broker.groups.errors import shown
 from flux_broker.groups.state import GroupState
-from flux_broker.nats.subjects import validate_stream_name
+from flux_broker.nats.subjects import rejected_character, shown, validate_stream_name
 from flux_broker.streams.manager import LivePartition, LiveStream
 from flux_proto import api_pb2
 
@@ -70,7 +68,6 @@ JOIN_STREAMS_MAX_COUNT: Final = 1000
 #: The cursor id of a group's positions is this prefix + the group id (the Go client's).
 GROUP_CURSOR_PREFIX: Final = "__group:"
 
-_REJECTED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
 _NANOS_PER_SECOND: Final = 1_000_000_000
 
 
@@ -83,10 +80,8 @@ def _check_id(field: str, value: str) -> None:
         raise _invalid(f"No {field} provided")
     if len(value) > GROUP_ID_MAX_BYTES or len(value.encode()) > GROUP_ID_MAX_BYTES:
         raise _invalid(f"{field} {shown(value)} is over the limit of {GROUP_ID_MAX_BYTES} bytes")
-    if not value.isprintable() and any(
-        unicodedata.category(char) in _REJECTED_CATEGORIES for char in value
-    ):
-        raise _invalid(f"{field} {shown(value)} holds control or format characters")
+    if (char := rejected_character(value)) is not None:
+        raise _invalid(f"{field} {shown(value)} holds the control or format character {char!r}")
 
 
 def check_group_id(group_id: str) -> None:

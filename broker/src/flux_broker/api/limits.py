@@ -259,7 +259,3 @@ class Limits:
                 del self._subscriptions[peer]
 
         return release
-
-    def subscriptions_of(self, peer: str) -> int:
-        """How many subscriptions the connection ``peer`` holds open."""
-        return self._subscriptions.get(peer, 0)

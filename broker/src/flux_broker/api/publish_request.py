@@ -50,8 +50,8 @@ from flux_broker.metadata import (
 from flux_broker.nats.acks import AckRouterFullError
 from flux_broker.nats.envelope import encode_message
 from flux_broker.nats.subjects import (
-    SHOWN_VALUE_MAX_CHARS,
     InvalidSubjectError,
+    shown,
     validate_literal_subject,
 )
 from flux_broker.streams.manager import LivePartition
@@ -143,13 +143,6 @@ class RejectedError(Exception):
 def bad_request(detail: str) -> RejectedError:
     """An INVALID_ARGUMENT / BAD_REQUEST rejection."""
     return RejectedError("INVALID_ARGUMENT", Code.BAD_REQUEST, detail)
-
-
-def shown(value: str) -> str:
-    """``value`` as an error message shows it: escaped and cut short."""
-    if len(value) <= SHOWN_VALUE_MAX_CHARS:
-        return repr(value)
-    return f"{value[:SHOWN_VALUE_MAX_CHARS]!r}... ({len(value)} characters)"
 
 
 def target(broker: BrokerContext, request: api_pb2.PublishRequest) -> LivePartition:

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from flux_broker.groups.assignor import DEFAULT_ASSIGNOR, PartitionKey
@@ -43,7 +43,6 @@ from flux_broker.groups.errors import (
     NotCoordinatorError,
     NotGroupMemberError,
     NotPartitionOwnerError,
-    shown,
 )
 from flux_broker.groups.fencing import GroupSubscriptions
 from flux_broker.groups.state import (
@@ -67,6 +66,7 @@ from flux_broker.metadata.commands import (
     GroupLeft,
     PutConsumerGroup,
 )
+from flux_broker.nats.subjects import shown
 
 __all__ = [
     "EMPTY_GROUPS_MAX_COUNT",
@@ -299,16 +299,11 @@ class GroupCoordinator:
                     raise GroupsFullError(
                         f"this broker has {active} consumer groups with members, its limit"
                     )
-                # An emptied group starts again with the assignor asked for now.
+                # An emptied group starts again with the assignor asked for now, keeping its
+                # epoch (epochs only grow) and the streams its positions are for.
                 base = new_group(group_id, assignor or DEFAULT_ASSIGNOR, self.broker_id)
                 if state is not None:
-                    base = GroupState(
-                        group_id=group_id,
-                        assignor=base.assignor,
-                        coordinator=self.broker_id,
-                        epoch=state.epoch,
-                        streams=state.streams,
-                    )
+                    base = replace(base, epoch=state.epoch, streams=state.streams)
             else:
                 if assignor and assignor != state.assignor:
                     raise GroupAssignorMismatchError(

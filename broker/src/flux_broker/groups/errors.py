@@ -1,11 +1,10 @@
 """Errors of consumer-group operations; :mod:`flux_broker.api.status` maps each to its row.
 
-Messages are safe to send to clients: ids in them are shown with ``repr`` and shortened.
+Messages are safe to send to clients: ids in them are quoted with
+:func:`~flux_broker.nats.subjects.shown` (escaped and shortened).
 """
 
 from __future__ import annotations
-
-from typing import Final
 
 __all__ = [
     "GroupAssignorMismatchError",
@@ -18,18 +17,7 @@ __all__ = [
     "NotCoordinatorError",
     "NotGroupMemberError",
     "NotPartitionOwnerError",
-    "shown",
 ]
-
-#: Longest part of an id quoted in a message.
-_SHOWN_MAX_CHARS: Final = 64
-
-
-def shown(value: str) -> str:
-    """``value`` quoted for a message, shortened if long."""
-    if len(value) <= _SHOWN_MAX_CHARS:
-        return repr(value)
-    return f"{value[:_SHOWN_MAX_CHARS]!r}..."
 
 
 class GroupError(Exception):

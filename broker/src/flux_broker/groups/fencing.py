@@ -15,7 +15,8 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from flux_broker.groups.errors import GroupFencedError, shown
+from flux_broker.groups.errors import GroupFencedError
+from flux_broker.nats.subjects import shown
 
 __all__ = ["GroupSlot", "GroupSubscriptions"]
 
@@ -44,14 +45,6 @@ class GroupSubscriptions:
     def __init__(self) -> None:
         """Start with no group subscriptions."""
         self._slots: dict[tuple[str, str, int], GroupSlot] = {}
-
-    def __len__(self) -> int:
-        """Group subscriptions open."""
-        return len(self._slots)
-
-    def holder(self, group: str, stream: str, partition: int) -> GroupSlot | None:
-        """The slot's current holder, if any."""
-        return self._slots.get((group, stream, partition))
 
     @contextlib.contextmanager
     def hold(

@@ -42,6 +42,8 @@ __all__ = [
     "InvalidSubjectError",
     "ack_inbox",
     "partition_subject",
+    "rejected_character",
+    "shown",
     "validate_literal_subject",
     "validate_stream_name",
     "validate_subject",
@@ -85,7 +87,7 @@ class InvalidNameError(ValueError):
 
     def __init__(self, name: str, problem: str) -> None:
         """Describe the offending name."""
-        super().__init__(f"invalid stream name {_show(name)}: {problem}")
+        super().__init__(f"invalid stream name {shown(name)}: {problem}")
         self.name = name
         self.problem = problem
 
@@ -100,7 +102,7 @@ class InvalidSubjectError(ValueError):
 
     def __init__(self, subject: str, problem: str) -> None:
         """Describe the offending subject."""
-        super().__init__(f"invalid subject {_show(subject)}: {problem}")
+        super().__init__(f"invalid subject {shown(subject)}: {problem}")
         self.subject = subject
         self.problem = problem
 
@@ -254,14 +256,32 @@ def _check_characters(subject: str) -> None:
     for i, char in enumerate(subject):
         if char.isspace():
             raise InvalidSubjectError(subject, f"whitespace {char!r} at position {i}")
-        if unicodedata.category(char) in _REJECTED_CATEGORIES:
+        if _rejected(char):
             raise InvalidSubjectError(
                 subject, f"control or format character {char!r} at position {i}"
             )
 
 
-def _show(value: str) -> str:
-    """``repr`` of ``value``, cut to a readable length (long input is often an attack)."""
+def shown(value: str) -> str:
+    """``repr`` of ``value``, cut to a readable length (long input is often an attack).
+
+    Every message that quotes client input uses it: the quote is escaped (no control
+    character reaches a status or a log line) and at most :data:`SHOWN_VALUE_MAX_CHARS` long.
+    """
     if len(value) <= SHOWN_VALUE_MAX_CHARS:
         return repr(value)
     return f"{value[:SHOWN_VALUE_MAX_CHARS]!r}... ({len(value)} characters)"
+
+
+def _rejected(char: str) -> bool:
+    return unicodedata.category(char) in _REJECTED_CATEGORIES
+
+
+def rejected_character(value: str) -> str | None:
+    """The first control, format (bidi override, zero-width) or surrogate character, if any.
+
+    Ids chosen by clients (cursor ids, group and consumer ids) may hold any other character.
+    """
+    if value.isprintable():  # fast path: no such character (and no other unprintable one)
+        return None
+    return next((char for char in value if _rejected(char)), None)
